@@ -1,0 +1,58 @@
+// motley: one binary, one subcommand per job (SPEC section 6).
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "apps/subcommands.h"
+#include "core/check.h"
+
+namespace {
+
+struct Subcommand {
+  const char* name;
+  const char* summary;
+  int (*main)(int argc, char** argv);
+};
+
+constexpr Subcommand kSubcommands[] = {
+    {"bench-kernels", "GEMM and fused-kernel throughput on this machine",
+     motley::apps::bench_kernels_main},
+};
+
+void print_usage(std::FILE* out) {
+  std::fprintf(out,
+               "motley: training Mixture-of-Experts language models with experts of "
+               "diverse sizes\n\n"
+               "usage: motley <subcommand> [flags...]\n"
+               "       motley <subcommand> --help\n\nsubcommands:\n");
+  for (const Subcommand& s : kSubcommands) {
+    std::fprintf(out, "  %-15s %s\n", s.name, s.summary);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
+      !std::strcmp(argv[1], "help")) {
+    print_usage(stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  for (const Subcommand& s : kSubcommands) {
+    if (std::strcmp(argv[1], s.name) != 0) continue;
+    try {
+      return s.main(argc - 1, argv + 1);
+    } catch (const motley::Error& e) {
+      std::fprintf(stderr, "motley %s: %s: %s\n", s.name, motley::error_kind_name(e.kind()),
+                   e.what());
+      return motley::exit_code_for(e.kind());
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "motley %s: internal error: %s\n", s.name, e.what());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "motley: unknown subcommand '%s'\n\n", argv[1]);
+  print_usage(stderr);
+  return 2;
+}
