@@ -15,7 +15,7 @@ namespace motley {
 enum class DType : std::uint8_t { kF32, kF64, kBF16, kI32, kI64 };
 
 std::size_t dtype_size(DType dtype);
-std::string_view dtype_name(DType dtype);
+const char* dtype_name(DType dtype);
 bool is_floating(DType dtype);  // f32, f64, bf16
 
 // bfloat16: the upper 16 bits of an IEEE float. Conversion from float

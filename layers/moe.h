@@ -1,0 +1,80 @@
+// The Mixture-of-Experts FFN of one layer (SPEC sections 1.2 - 1.4).
+//
+//   m (N, d) --router--> logits (N, E) --softmax (fp32)--> probs
+//     --select (topk | topp)--> pairs --dispatch plan (by expert)-->
+//     rows (R, d) --experts, one contiguous block each--> (R, d)
+//     --combine with gate weights--> out (N, d)
+//
+// Experts have their own hidden sizes; each runs once on its block of rows
+// (a grouped GEMM over experts of different sizes, nothing padded). An
+// expert that receives no rows is skipped in forward and gets a zero
+// gradient. Selection and the dispatch plan are computed on the host from
+// the probabilities (see layers/routing.h), so index tensors are built once
+// per layer.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "autograd/variable.h"
+#include "core/config.h"
+#include "layers/modules.h"
+#include "layers/routing.h"
+
+namespace motley {
+
+struct MoEWeights {
+  Variable router;  // (E, d): linear, noisy
+  Variable noise;   // (E, d): noisy
+  Variable proj;    // (p, d): gru
+  Variable gate;    // (E, p): gru
+  // By global expert id; an expert this process does not hold has
+  // undefined weights (expert parallelism).
+  std::vector<SwiGluWeights> experts;
+};
+
+struct MoEContext {
+  bool training = true;
+  std::int64_t step = 0;             // update number (noise stream)
+  std::int64_t layer = 0;            // global layer index
+  std::uint64_t seed = 0;
+  std::int64_t sequence_offset = 0;  // global index of the batch's first sequence
+  std::int64_t seq_len = 1;          // tokens per sequence (N = sequences * seq_len)
+  // When set, these experts are used instead of selecting from the
+  // probabilities: gradient checks hold the piecewise-constant selection
+  // fixed while perturbing the inputs.
+  const Selection* fixed_selection = nullptr;
+};
+
+// Routing statistics of one layer for one forward pass (metrics).
+struct MoELayerStats {
+  std::int64_t layer = 0;
+  std::int64_t tokens = 0;
+  std::vector<std::int64_t> expert_tokens;  // (E) rows computed by each expert
+  std::int64_t dropped = 0;                 // pairs dropped by capacity
+  double active_params_per_token = 0.0;     // expert parameters used per token
+  double gate_entropy = 0.0;                // mean over tokens of -sum p log p
+  double experts_per_token = 0.0;
+};
+
+struct MoEResult {
+  Variable out;           // (N, d)
+  Variable aux_loss;      // 0-d: the weighted sum of the enabled aux terms
+  Variable router_state;  // gru: s_l (N, p); undefined otherwise
+  Selection selection;    // the experts each token selected
+  MoELayerStats stats;
+};
+
+// `sizes` are the hidden sizes of all E experts (expert_hidden_sizes()).
+// For the gru router, `gru` is the shared cell and `prev_state` s_{l-1}
+// (undefined: zeros); gru_state decides how it enters (SPEC 1.2).
+MoEResult moe_forward(const MoEConfig& config, const std::vector<std::int64_t>& sizes,
+                      const MoEWeights& weights, const GruWeights* gru, const Variable& m,
+                      const Variable& prev_state, const MoEContext& ctx);
+
+// Router logits (N, E) in m's dtype (noise included for noisy in training).
+Variable router_logits(const MoEConfig& config, const MoEWeights& weights, const GruWeights* gru,
+                       const Variable& m, const Variable& prev_state, const MoEContext& ctx,
+                       Variable* new_state);
+
+}  // namespace motley
