@@ -1,0 +1,87 @@
+#include "apps/train_support.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
+#include "core/ops.h"
+#include "core/philox.h"
+
+namespace motley::apps {
+namespace fs = std::filesystem;
+
+std::optional<Tokenizer> find_tokenizer(const std::string& path, const std::string& token_file) {
+  if (!path.empty()) return Tokenizer::load(path);
+  if (token_file.empty()) return std::nullopt;
+  const fs::path beside = fs::path(token_file).parent_path() / "tokenizer.json";
+  if (fs::exists(beside)) return Tokenizer::load(beside.string());
+  return std::nullopt;
+}
+
+TrainData open_train_data(const Config& config) {
+  MOTLEY_CHECK_KIND(kUsage, !config.data.train.empty(),
+                    "config key 'data.train' is empty: set it to a token file written by "
+                    "motley prepare (e.g. --set data.train=data-cache/brown/train.h5)");
+  TrainData data;
+  data.train = TokenFile::open(config.data.train);
+  if (!config.data.valid.empty()) data.valid = TokenFile::open(config.data.valid);
+  data.tokenizer = find_tokenizer(config.data.tokenizer, config.data.train);
+  const std::int64_t need = config.train.seq_len + 2;
+  MOTLEY_CHECK_KIND(kData, data.train->size() >= need, config.data.train, " holds ",
+                    data.train->size(), " tokens; train.seq_len = ", config.train.seq_len,
+                    " needs at least ", need);
+  return data;
+}
+
+void check_vocab(const Config& config, const TrainData& data) {
+  for (const auto* file : {&data.train, &data.valid}) {
+    if (!*file) continue;
+    MOTLEY_CHECK_KIND(kUsage, (*file)->vocab_size() <= config.model.vocab_size, (*file)->path(),
+                      " has vocab_size ", (*file)->vocab_size(),
+                      ", larger than model.vocab_size = ", config.model.vocab_size,
+                      ": raise model.vocab_size (e.g. --set model.vocab_size=",
+                      (*file)->vocab_size(), ")");
+  }
+}
+
+MetricsLog::MetricsLog(const std::string& path, std::int64_t resume_step) : path_(path) {
+  std::vector<std::string> kept;
+  {
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) {
+      const auto row = nlohmann::json::parse(line, nullptr, false);
+      if (row.is_discarded() || !row.contains("step")) continue;  // a torn last line
+      if (row["step"].get<std::int64_t>() <= resume_step) kept.push_back(line);
+    }
+  }
+  std::ofstream out(path, std::ios::trunc);
+  for (const std::string& line : kept) out << line << "\n";
+}
+
+void MetricsLog::append(const nlohmann::ordered_json& row) {
+  std::ofstream out(path_, std::ios::app);
+  out << row.dump() << "\n";
+}
+
+double measured_peak_flops() {
+  static const double peak = [] {
+    const std::int64_t n = 1024;
+    Tensor a = Tensor::empty({n, n}), b = Tensor::empty({n, n});
+    fill_uniform(a, philox_key(0, "peak/a"), -1, 1);
+    fill_uniform(b, philox_key(0, "peak/b"), -1, 1);
+    double best = 1e30;
+    for (int rep = 0; rep < 4; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      Tensor c = ops::matmul(a, b);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best = std::min(best, s);
+    }
+    return 2.0 * n * n * n / best;
+  }();
+  return peak;
+}
+
+}  // namespace motley::apps
