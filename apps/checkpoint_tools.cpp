@@ -15,6 +15,7 @@
 #include "apps/train_support.h"
 #include "autograd/ops.h"
 #include "checkpoint/checkpoint.h"
+#include "data/sampler.h"
 #include "core/philox.h"
 #include "layers/expert_sizes.h"
 

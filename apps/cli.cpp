@@ -153,7 +153,9 @@ std::string CommandLine::usage() const {
     if (s.repeated) absl::StrAppend(&out, " [repeatable]");
     absl::StrAppend(&out, "\n");
   }
-  absl::StrAppend(&out, "  --help                       print this help\n");
+  std::string help = "  --help";
+  help.resize(28, ' ');
+  absl::StrAppend(&out, help, " print this help\n");
   return out;
 }
 

@@ -16,6 +16,12 @@ struct Subcommand {
 };
 
 constexpr Subcommand kSubcommands[] = {
+    {"prepare", "text -> tokenizer.json, train.h5, valid.h5 (byte-level BPE)",
+     motley::apps::prepare_main},
+    {"train", "train a model from a JSON config", motley::apps::train_main},
+    {"eval", "evaluate a checkpoint: loss, perplexity, bits per byte", motley::apps::eval_main},
+    {"generate", "sample text from a checkpoint", motley::apps::generate_main},
+    {"inspect", "summarise a checkpoint", motley::apps::inspect_main},
     {"bench-kernels", "GEMM and fused-kernel throughput on this machine",
      motley::apps::bench_kernels_main},
 };

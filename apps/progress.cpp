@@ -31,7 +31,9 @@ void ProgressBar::update(std::int64_t done) {
                  static_cast<long long>(total_), format_duration(eta).c_str());
     std::fflush(stderr);
   } else {
-    const int decile = static_cast<int>(frac * 4);  // 0%, 25%, 50%, 75%, 100%
+    // Logs get a line per quarter, and only for work that takes a while.
+    if (elapsed < 2.0) return;
+    const int decile = static_cast<int>(frac * 4);  // 25%, 50%, 75%, 100%
     if (decile == last_decile_) return;
     last_decile_ = decile;
     std::fprintf(stderr, "%s: %3d%% (%lld/%lld, %s)\n", label_.c_str(), static_cast<int>(frac * 100),

@@ -10,4 +10,14 @@ namespace motley::apps {
 // machine's BLAS and memory bandwidth.
 int bench_kernels_main(int argc, char** argv);
 
+// motley train / eval / generate / inspect (SPEC section 6).
+int train_main(int argc, char** argv);
+int eval_main(int argc, char** argv);
+int generate_main(int argc, char** argv);
+int inspect_main(int argc, char** argv);
+
+// motley prepare: reads raw text, trains the byte-level BPE tokenizer and
+// writes tokenizer.json, train.h5 and valid.h5 (SPEC sections 4 and 6).
+int prepare_main(int argc, char** argv);
+
 }  // namespace motley::apps

@@ -145,6 +145,7 @@ class Trainer {
         interval_tokens = 0;
         interval_flops = 0;
       }
+      const auto before_side_work = std::chrono::steady_clock::now();
       if (data_.valid && tc.eval_every > 0 && step % tc.eval_every == 0 && step != tc.steps) {
         run_eval(metrics, step, /*final=*/false);
       }
@@ -152,6 +153,8 @@ class Trainer {
       if ((tc.ckpt_every > 0 && step % tc.ckpt_every == 0) || step == tc.steps || stop) {
         save();
       }
+      // Evaluation and checkpoints do not count against training throughput.
+      interval_start += std::chrono::steady_clock::now() - before_side_work;
       if (stop) {
         std::printf("received signal %d: saved a checkpoint at step %lld; exiting with %d so "
                     "the job can be resumed\n",
@@ -338,7 +341,7 @@ class Trainer {
 }  // namespace
 
 int train_main(int argc, char** argv) {
-  CommandLine cli("train", "Train a model from a JSON config (SPEC sections 2 and 6).");
+  CommandLine cli("train", "Train a model from a JSON config (docs/config.md lists the keys).");
   cli.flag("config", "FILE", "the JSON config (configs/ holds presets)");
   cli.repeated("set", "KEY=VALUE", "override a config key, e.g. --set train.lr=3e-4");
   cli.flag("run", "DIR", "run directory for config.json, metrics.jsonl and checkpoints/",
