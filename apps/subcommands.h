@@ -15,6 +15,8 @@ int train_main(int argc, char** argv);
 int eval_main(int argc, char** argv);
 int generate_main(int argc, char** argv);
 int inspect_main(int argc, char** argv);
+// motley bench: training-step and MoE-layer throughput of a config.
+int bench_main(int argc, char** argv);
 
 // motley prepare: reads raw text, trains the byte-level BPE tokenizer and
 // writes tokenizer.json, train.h5 and valid.h5 (SPEC sections 4 and 6).

@@ -1,0 +1,175 @@
+// motley bench: throughput of a config's training step and of its MoE layer
+// on this machine (SPEC section 6). Figures are medians over repetitions,
+// measured side by side in one run with the machine's sgemm rate.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <vector>
+
+#include "absl/strings/str_join.h"
+#include "apps/cli.h"
+#include "apps/subcommands.h"
+#include "apps/train_support.h"
+#include "autograd/ops.h"
+#include "core/philox.h"
+#include "layers/expert_sizes.h"
+#include "layers/optimizer.h"
+#include "layers/transformer.h"
+
+namespace motley::apps {
+namespace {
+
+namespace ag = autograd;
+using Clock = std::chrono::steady_clock;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+Tensor random_tokens(std::int64_t b, std::int64_t t, std::int64_t vocab, std::uint64_t salt) {
+  std::vector<std::int64_t> ids(b * t);
+  const PhiloxKey key = philox_key(salt, "bench/tokens");
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    ids[i] = static_cast<std::int64_t>(philox_u64(key, i) % static_cast<std::uint64_t>(vocab));
+  }
+  return Tensor::from_vector(ids, {b, t});
+}
+
+struct MoEBench {
+  double seconds = 0;  // median forward + backward
+  double flops = 0;    // model FLOPs of one forward + backward
+};
+
+// One MoE layer, forward and backward, on `tokens` rows of width d.
+MoEBench bench_moe_layer(const ModelConfig& model, const std::string& sizes_scheme,
+                         std::int64_t tokens, int reps) {
+  MoEConfig cfg = model.moe;
+  cfg.expert_sizes = sizes_scheme;
+  const std::vector<std::int64_t> sizes = expert_hidden_sizes(cfg);
+  const std::int64_t d = model.d_model, e = cfg.n_experts;
+  ParameterSet params(1, DType::kF32, Device::cpu());
+  MoEWeights w;
+  w.router = params.add("router", {e, d}, Init::normal(0.02));
+  for (std::int64_t i = 0; i < e; ++i) {
+    const std::string p = "experts." + std::to_string(i) + ".";
+    w.experts.push_back({params.add(p + "w1", {sizes[i], d}, Init::normal(0.02)),
+                         params.add(p + "w3", {sizes[i], d}, Init::normal(0.02)),
+                         params.add(p + "w2", {d, sizes[i]}, Init::normal(0.02))});
+  }
+  Tensor x = Tensor::empty({tokens, d});
+  fill_normal(x, philox_key(2, "bench/x"), 0.0, 1.0);
+  std::vector<double> times;
+  MoEBench r;
+  for (int rep = 0; rep < reps + 1; ++rep) {
+    params.zero_grad();
+    ag::Variable input(x, true);
+    const auto t0 = Clock::now();
+    MoEResult out = moe_forward(cfg, sizes, w, nullptr, input, ag::Variable(), MoEContext{});
+    ag::add(ag::sum(out.out), out.aux_loss).backward();
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (rep > 0) times.push_back(s);  // the first repetition warms up
+    double row_flops = 0;
+    for (std::int64_t i = 0; i < e; ++i) {
+      row_flops += static_cast<double>(out.stats.expert_tokens[i]) * 6.0 * d * sizes[i];
+    }
+    r.flops = 3.0 * row_flops;  // forward + backward (twice the forward)
+  }
+  r.seconds = median(times);
+  return r;
+}
+
+}  // namespace
+
+int bench_main(int argc, char** argv) {
+  CommandLine cli("bench",
+                  "Measure a config's training-step throughput and its MoE layer's rate on this "
+                  "machine (random tokens; no data needed). Prints medians.");
+  cli.flag("config", "FILE", "the JSON config (e.g. configs/bench.json)");
+  cli.repeated("set", "KEY=VALUE", "override a config key");
+  cli.flag("steps", "N", "training steps to time (after one warm-up step)", std::string("5"));
+  cli.flag("moe-tokens", "N", "rows for the MoE layer benchmark (0 skips it)",
+           std::string("4096"));
+  if (!cli.parse(argc, argv)) return 0;
+  const Config config = Config::load(cli.get("config"), cli.all("set"));
+  const std::int64_t steps = cli.get_int("steps");
+  const std::int64_t moe_tokens = cli.get_int("moe-tokens");
+  MOTLEY_CHECK_KIND(kUsage, steps >= 1, "--steps must be >= 1");
+  const double peak = measured_peak_flops();
+  std::printf("sgemm (1024^3 through motley's CPU backend): %.1f GFLOP/s\n", peak / 1e9);
+
+  if (moe_tokens > 0 && config.model.moe.n_experts > 0) {
+    std::printf("\nMoE layer forward + backward: d %lld, %lld experts, %lld tokens, %s\n",
+                static_cast<long long>(config.model.d_model),
+                static_cast<long long>(config.model.moe.n_experts),
+                static_cast<long long>(moe_tokens),
+                config.model.moe.selection == "topk"
+                    ? ("top-" + std::to_string(config.model.moe.top_k)).c_str()
+                    : "top-p");
+    std::printf("  %-11s %10s %12s %10s %s\n", "sizes", "ms", "GFLOP/s", "of sgemm", "expert sizes");
+    double uniform_s = 0;
+    for (const char* scheme : {"uniform", "modse", "arithmetic"}) {
+      MoEConfig moe = config.model.moe;
+      moe.expert_sizes = scheme;
+      if (std::string(scheme) == "modse" && moe.n_experts % 2 != 0) continue;
+      const MoEBench b = bench_moe_layer(config.model, scheme, moe_tokens, 5);
+      if (std::string(scheme) == "uniform") uniform_s = b.seconds;
+      std::printf("  %-11s %10.2f %12.1f %9.0f%% %s\n", scheme, b.seconds * 1e3,
+                  b.flops / b.seconds / 1e9, 100.0 * b.flops / b.seconds / peak,
+                  absl::StrJoin(expert_hidden_sizes(moe), " ").c_str());
+      if (uniform_s > 0 && std::string(scheme) != "uniform") {
+        std::printf("  %-11s time relative to uniform: %.2f\n", "", b.seconds / uniform_s);
+      }
+    }
+  }
+
+  const TrainConfig& tc = config.train;
+  const std::int64_t micro = tc.micro_batches, per_micro = tc.batch_size / micro;
+  Transformer model(config.model, static_cast<std::uint64_t>(tc.seed));
+  AdamW optimizer(tc);
+  std::vector<double> times;
+  double step_flops = 0;
+  for (std::int64_t step = 0; step <= steps; ++step) {
+    const auto t0 = Clock::now();
+    model.params().zero_grad();
+    double active = 0;
+    for (std::int64_t m = 0; m < micro; ++m) {
+      const Tensor all = random_tokens(per_micro, tc.seq_len + 1, config.model.vocab_size,
+                                       static_cast<std::uint64_t>(step * micro + m));
+      const Tensor tokens = all.narrow(1, 0, tc.seq_len).contiguous();
+      const Tensor targets = all.narrow(1, 1, tc.seq_len).contiguous();
+      ForwardContext ctx;
+      ctx.step = step + 1;
+      ModelOutput out = model.forward(tokens, targets, ctx);
+      ag::scale(out.loss, 1.0 / static_cast<double>(micro)).backward();
+      for (const MoELayerStats& s : out.moe_stats) active += s.active_params_per_token / micro;
+    }
+    const double norm = std::sqrt(grad_sum_of_squares(model.params()));
+    clip_gradients(model.params(), norm, tc.grad_clip);
+    optimizer.step(model.params(), tc.lr);
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (step > 0) times.push_back(s);
+    // Model FLOPs as in train: 6 per active non-embedding parameter per
+    // token plus attention's 12 L T d.
+    const ModelConfig& mc = config.model;
+    double dense = static_cast<double>(model.total_parameters() - mc.vocab_size * mc.d_model);
+    for (std::int64_t l = 0; l < mc.n_layers; ++l) {
+      if (!mc.is_moe_layer(l)) continue;
+      for (std::int64_t h : model.expert_sizes()) dense -= 3.0 * mc.d_model * h;
+    }
+    step_flops = static_cast<double>(tc.batch_size * tc.seq_len) *
+                 (6.0 * (dense + active) + 12.0 * mc.n_layers * tc.seq_len * mc.d_model);
+  }
+  const double s = median(times);
+  const double tokens = static_cast<double>(tc.batch_size * tc.seq_len);
+  std::printf("\ntraining step: %s parameters, batch %lld x %lld, %lld micro-batches\n",
+              std::to_string(model.total_parameters()).c_str(),
+              static_cast<long long>(tc.batch_size), static_cast<long long>(tc.seq_len),
+              static_cast<long long>(micro));
+  std::printf("  median step %.1f ms over %lld steps | %.0f tokens/s | %.1f GFLOP/s | MFU %.1f%%\n",
+              s * 1e3, static_cast<long long>(steps), tokens / s, step_flops / s / 1e9,
+              100.0 * step_flops / s / peak);
+  return 0;
+}
+
+}  // namespace motley::apps
