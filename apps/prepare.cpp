@@ -195,11 +195,12 @@ int prepare_main(int argc, char** argv) {
   std::vector<std::string> docs = read_documents(opt.inputs);
   std::int64_t total_bytes = 0;
   for (const std::string& d : docs) total_bytes += static_cast<std::int64_t>(d.size());
-  std::printf("read %zu documents, %lld bytes (%.2f MB) from %zu input(s) in %.2f s\n",
-              docs.size(), static_cast<long long>(total_bytes), total_bytes / 1e6,
-              opt.inputs.size(), seconds_since(t0));
-  MOTLEY_CHECK_KIND(kData, docs.size() >= 2, "the inputs hold ", docs.size(),
-                    " document; the train/valid split needs at least 2. A plain text file is "
+  std::printf("read %zu document%s, %lld bytes (%.2f MB) from %zu input%s in %.2f s\n",
+              docs.size(), docs.size() == 1 ? "" : "s", static_cast<long long>(total_bytes),
+              total_bytes / 1e6, opt.inputs.size(), opt.inputs.size() == 1 ? "" : "s",
+              seconds_since(t0));
+  MOTLEY_CHECK_KIND(kData, docs.size() >= 2, "the inputs hold one document; the train/valid "
+                    "split needs at least 2. A plain text file is "
                     "one document: split the text into several files, or use JSONL with one "
                     "document per line");
 
