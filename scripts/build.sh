@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 preset="${1:-release}"
 shift || true
 jobs="${MOTLEY_JOBS:-$(nproc)}"
-cmake --preset "$preset" >"build-$preset.configure.log" 2>&1 || {
-  cat "build-$preset.configure.log"; exit 1; }
+# Let ccache (when installed) reuse objects across clones of the repository.
+export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=1
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cmake --preset "$preset" >"$log" 2>&1 || { cat "$log"; exit 1; }
 # The configuration summary (what was found) is worth seeing every time.
-sed -n '/motley .* configuration/,/tests /p' "build-$preset.configure.log" | sed 's/^-- //'
-rm -f "build-$preset.configure.log"
+sed -n '/motley .* configuration/,/tests /p' "$log" | sed 's/^-- //'
 cmake --build --preset "$preset" -j "$jobs" "$@"
