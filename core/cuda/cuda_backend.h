@@ -1,7 +1,19 @@
 // The CUDA backend: cuBLAS GEMMs and .cu kernels, device memory from a
 // caching allocator. Declared here so that core/backend.cpp can route
 // cuda:N devices to it; compiled only when MOTLEY_CUDA is ON.
+//
+// Each device has one backend, created on first use and kept until the
+// process exits (deliberately never destroyed: tensors in static objects
+// may outlive any destruction order, and the CUDA runtime may already be
+// torn down at exit). A backend owns one CUDA stream; every kernel, copy
+// and cuBLAS call of that backend is enqueued on it, in issue order.
+// copy_from_host, copy_to_host, all_finite and synchronize wait for the
+// stream; cross_entropy, index_select_rows and index_add_rows also wait, to
+// report out-of-range indices as kShape errors from the call that got them
+// (Note [Index checks] in cuda_backend.cpp).
 #pragma once
+
+#include <cstddef>
 
 #include "core/backend.h"
 
@@ -12,5 +24,23 @@ Backend& cuda_backend(int index);
 // Number of visible CUDA devices; 0 when the driver or devices are missing
 // (never throws).
 int cuda_backend_device_count();
+
+// The stream of device `index`'s backend, as a cudaStream_t cast to void*
+// (so that this header needs no CUDA include). Code that issues its own
+// work on device memory (NCCL) orders it against this stream.
+void* cuda_backend_stream(int index);
+
+// Memory counters of device `index`'s caching allocator.
+struct CudaMemoryStats {
+  std::size_t bytes_in_use = 0;  // requested bytes of live allocations
+  std::size_t peak_bytes_in_use = 0;
+  std::size_t bytes_reserved = 0;     // held from the driver: live + cached blocks
+  std::size_t bytes_cached = 0;       // in free blocks awaiting reuse
+  std::size_t num_device_allocs = 0;  // cudaMalloc calls so far
+  std::size_t num_cache_hits = 0;     // requests served from the cache
+};
+CudaMemoryStats cuda_memory_stats(int index);
+// Returns device `index`'s cached free blocks to the driver.
+void cuda_empty_cache(int index);
 
 }  // namespace motley
