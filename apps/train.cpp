@@ -8,11 +8,24 @@
 //       backward(loss_m / M)                      gradients accumulate
 //   grad_norm = ||g||; skip the step if anything is non-finite
 //   clip; AdamW; log, evaluate, checkpoint as scheduled
+//
+// Under mpirun / srun the same loop runs on every rank of a (dp, ep, pp)
+// layout (SPEC section 3, docs/parallel.md): each rank holds one pipeline
+// stage's layers and its EP rank's experts, runs its shard's micro-batches
+// on the 1F1B schedule with backward(loss_j / (dp * m)) (Note [Gradient
+// scaling] in parallel/grad_reducer.h), sums gradients over replicas,
+// and agrees with every other rank on the global norm and on skipping.
+// Rank 0 alone prints, writes metrics.jsonl and checkpoints (gathering
+// every parameter to it). A single process (no MPI launcher, dp = pp = 1)
+// runs the original loop unchanged, without MPI.
 #include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -21,11 +34,19 @@
 #include "apps/progress.h"
 #include "apps/subcommands.h"
 #include "apps/train_support.h"
+#include "autograd/engine.h"
 #include "autograd/ops.h"
 #include "checkpoint/checkpoint.h"
 #include "core/ops.h"
 #include "data/sampler.h"
+#include "layers/expert_sizes.h"
 #include "nlohmann/json.hpp"
+#include "parallel/communicator.h"
+#include "parallel/expert_exchange.h"
+#include "parallel/grad_reducer.h"
+#include "parallel/pipeline_schedule.h"
+#include "parallel/placement.h"
+#include "parallel/process_groups.h"
 
 namespace motley::apps {
 namespace {
@@ -43,6 +64,11 @@ extern "C" void on_stop_signal(int signal) {
 }
 
 constexpr int kExitResumeMe = 75;
+constexpr int kTagActivation = 101;
+constexpr int kTagGradient = 102;
+
+namespace par = parallel;
+namespace ag = autograd;
 constexpr int kMaxConsecutiveSkips = 10;
 
 struct StepResult {
@@ -74,18 +100,56 @@ void accumulate_stats(std::vector<MoELayerStats>& into, const std::vector<MoELay
 
 class Trainer {
  public:
-  Trainer(Config config, std::string run_dir, const TrainData& data)
+  Trainer(Config config, std::string run_dir, const TrainData& data,
+          std::shared_ptr<par::ProcessGroups> groups)
       : config_(std::move(config)),
         run_dir_(std::move(run_dir)),
         data_(data),
-        model_(config_.model, static_cast<std::uint64_t>(config_.train.seed)),
-        optimizer_(config_.train) {}
+        groups_(std::move(groups)),
+        root_(groups_->rank() == 0),
+        parallel_(groups_->layout().world() > 1),
+        owner_(expert_owner(config_, *groups_)),
+        model_(config_.model, static_cast<std::uint64_t>(config_.train.seed), DType::kF32,
+               Device::cpu(), shard_of(config_, *groups_, owner_)),
+        optimizer_(config_.train) {
+    const ModelConfig& m = config_.model;
+    gru_stage_ = -1;
+    if (m.moe.n_experts > 0 && m.moe.router == "gru") {
+      for (std::int64_t l = 0; l < m.n_layers && gru_stage_ < 0; ++l) {
+        if (m.is_moe_layer(l)) gru_stage_ = par::stage_of_layer(m.n_layers, groups_->layout().pp, l);
+      }
+    }
+    if (groups_->layout().ep > 1) {
+      exchange_ = std::make_unique<par::CommExpertExchange>(groups_->ep(), owner_);
+    }
+  }
+
+  // Expert owner map (Note [Expert placement]); every expert on ep_rank 0
+  // when ep == 1.
+  static std::vector<int> expert_owner(const Config& c, const par::ProcessGroups& g) {
+    const std::int64_t e = c.model.moe.n_experts;
+    if (e == 0) return {};
+    return par::place_experts(c.parallel.placement, expert_hidden_sizes(c.model.moe),
+                              g.layout().ep);
+  }
+
+  static ModelShard shard_of(const Config& c, const par::ProcessGroups& g,
+                             const std::vector<int>& owner) {
+    ModelShard shard;
+    const par::StageLayers block = par::stage_layers(c.model.n_layers, g.layout().pp, g.pp_rank());
+    shard.layer_begin = block.begin;
+    shard.layer_end = block.end;
+    if (g.layout().ep > 1) {
+      for (int o : owner) shard.hold_expert.push_back(o == g.ep_rank());
+    }
+    return shard;
+  }
 
   // Loads the checkpoint at `path` (model, optimizer, step).
   void resume_from(const std::string& path) {
     const CheckpointReader reader = CheckpointReader::open(path);
     const std::vector<std::string> changed = check_compatible(reader, config_);
-    if (!changed.empty()) {
+    if (!changed.empty() && root_) {
       std::printf("resume: keys that differ from the checkpoint's config (the new values "
                   "apply): %s\n",
                   absl::StrJoin(changed, ", ").c_str());
@@ -93,16 +157,25 @@ class Trainer {
     load_checkpoint(reader, model_.params(), &optimizer_);
     step_ = reader.meta().step;
     tokens_seen_ = reader.meta().tokens_seen;
-    std::printf("resumed from %s at step %lld\n", path.c_str(), static_cast<long long>(step_));
+    if (root_) {
+      std::printf("resumed from %s at step %lld\n", path.c_str(), static_cast<long long>(step_));
+    }
   }
 
   int run() {
     const TrainConfig& tc = config_.train;
-    MetricsLog metrics(run_dir_ + "/metrics.jsonl", step_);
-    const double peak = measured_peak_flops();
+    std::optional<MetricsLog> metrics_log;
+    if (root_) metrics_log.emplace(run_dir_ + "/metrics.jsonl", step_);
+    MetricsLog* metrics = metrics_log ? &*metrics_log : nullptr;
+    if (parallel_ && groups_->layout().dp > 1) {
+      reducer_ = std::make_unique<par::GradReducer>(model_.params(), *groups_);
+    }
+    const double peak = root_ ? measured_peak_flops() : 1.0;
     print_model_summary();
-    std::printf("peak (measured sgemm): %.1f GFLOP/s; MFU is model FLOPs over this peak\n",
-                peak / 1e9);
+    if (root_) {
+      std::printf("peak (measured sgemm): %.1f GFLOP/s; MFU is model FLOPs over this peak\n",
+                  peak / 1e9);
+    }
     const std::int64_t tokens_per_step = tc.batch_size * tc.seq_len;
     auto interval_start = std::chrono::steady_clock::now();
     const auto run_start = interval_start;
@@ -110,14 +183,14 @@ class Trainer {
     std::int64_t interval_tokens = 0;
     double interval_flops = 0;
     int consecutive_skips = 0;
-    if (step_ >= tc.steps) {
+    if (step_ >= tc.steps && root_) {
       std::printf("run already complete: step %lld of %lld\n", static_cast<long long>(step_),
                   static_cast<long long>(tc.steps));
     }
     while (step_ < tc.steps) {
       const std::int64_t step = step_ + 1;
       const double lr = learning_rate(tc, step);
-      StepResult r = train_step(step, lr);
+      StepResult r = parallel_ ? train_step_parallel(step, lr) : train_step(step, lr);
       if (r.skipped) {
         ++skipped_;
         if (++consecutive_skips >= kMaxConsecutiveSkips) {
@@ -149,14 +222,14 @@ class Trainer {
       if (data_.valid && tc.eval_every > 0 && step % tc.eval_every == 0 && step != tc.steps) {
         run_eval(metrics, step, /*final=*/false);
       }
-      const bool stop = g_stop_signal != 0;
+      const bool stop = stop_requested();
       if ((tc.ckpt_every > 0 && step % tc.ckpt_every == 0) || step == tc.steps || stop) {
         save();
       }
       // Evaluation and checkpoints do not count against training throughput.
       interval_start += std::chrono::steady_clock::now() - before_side_work;
       if (stop) {
-        std::printf("received signal %d: saved a checkpoint at step %lld; exiting with %d so "
+        if (root_) std::printf("received signal %d: saved a checkpoint at step %lld; exiting with %d so "
                     "the job can be resumed\n",
                     static_cast<int>(g_stop_signal), static_cast<long long>(step),
                     kExitResumeMe);
@@ -164,7 +237,7 @@ class Trainer {
       }
     }
     if (data_.valid) run_eval(metrics, step_, /*final=*/true);
-    std::printf("done: %lld steps, %s tokens, run directory %s\n", static_cast<long long>(step_),
+    if (root_) std::printf("done: %lld steps, %s tokens, run directory %s\n", static_cast<long long>(step_),
                 format_count(static_cast<double>(tokens_seen_)).c_str(), run_dir_.c_str());
     return 0;
   }
@@ -205,6 +278,270 @@ class Trainer {
     return r;
   }
 
+  // ---- parallel step (docs/parallel.md) ---------------------------------------------
+  // Whether any rank received a stop signal: the decision to checkpoint and
+  // exit must be the same everywhere.
+  bool stop_requested() {
+    if (!parallel_) return g_stop_signal != 0;
+    Tensor flag = Tensor::from_vector(std::vector<double>{g_stop_signal != 0 ? 1.0 : 0.0}, {1});
+    groups_->world().allreduce_sum(flag);
+    return flag.to_vector<double>()[0] > 0;
+  }
+
+  // Whether the router state travels with x at the boundary after `layer_end`.
+  bool state_crosses(std::int64_t layer_end) const {
+    const ModelConfig& m = config_.model;
+    if (m.moe.n_experts == 0 || m.moe.router != "gru") return false;
+    for (std::int64_t l = 0; l < layer_end; ++l) {
+      if (m.is_moe_layer(l)) return true;
+    }
+    return false;
+  }
+
+  // Note [Pipeline messages] (parallel/pipeline_schedule.h): one flat
+  // buffer per micro-batch and direction: x (b, T, d) then, for the gru
+  // router, the state (b*T, p). Shapes are derived from the config on
+  // both sides, never sent.
+  Tensor pack(const Tensor& x, const Tensor& state) const {
+    if (!state.defined()) return x.contiguous().reshape({x.numel()}).clone();
+    return ops::cat(std::vector<Tensor>{x.contiguous().reshape({x.numel()}),
+                                        state.contiguous().reshape({state.numel()})},
+                    0);
+  }
+
+  StepResult train_step_parallel(std::int64_t step, double lr) {
+    const TrainConfig& tc = config_.train;
+    const par::GroupLayout& layout = groups_->layout();
+    const std::int64_t micro = tc.micro_batches;
+    const std::int64_t per_micro = tc.batch_size / (layout.dp * micro);
+    const std::int64_t shard_first = groups_->dp_rank() * (tc.batch_size / layout.dp);
+    // Note [Gradient scaling] in parallel/grad_reducer.h.
+    const double inv = 1.0 / static_cast<double>(layout.dp * micro);
+    const bool first = groups_->first_stage(), last = groups_->last_stage();
+    const std::int64_t t = tc.seq_len, d = config_.model.d_model, p = config_.model.moe.gru_dim;
+    const bool state_in = state_crosses(model_.layer_begin());
+    const bool state_out = state_crosses(model_.layer_end());
+    par::Communicator& pp = groups_->pp();
+
+    struct InFlight {
+      Activations in;   // received leaves (stages after the first)
+      Activations out;  // sent to the next stage
+      Variable aux;     // this stage's aux loss
+      Variable loss;    // last stage: lm + aux
+    };
+    std::map<std::int64_t, InFlight> flight;
+    std::vector<par::Request> sends;
+    model_.params().zero_grad();
+    StepResult r;
+    double lm_sum = 0, aux_sum = 0;
+    std::int64_t backwards = 0;
+    for (const par::PipelineAction& action :
+         par::one_f_one_b(groups_->pp_rank(), layout.pp, micro)) {
+      const std::int64_t j = action.micro_batch;
+      const std::int64_t seq_first = shard_first + j * per_micro;
+      if (action.kind == par::PipelineAction::kForward) {
+        const Batch batch = sample_batch(*data_.train, static_cast<std::uint64_t>(tc.seed), step,
+                                         seq_first, per_micro, t);
+        ForwardContext ctx;
+        ctx.step = step;
+        ctx.sequence_offset = seq_first;
+        ctx.expert_exchange = exchange_.get();
+        InFlight f;
+        Activations in;
+        if (first) {
+          in = model_.embed(batch.tokens);
+        } else {
+          const std::int64_t nx = per_micro * t * d, ns = state_in ? per_micro * t * p : 0;
+          Tensor buf = Tensor::empty({nx + ns});
+          pp.recv(buf, groups_->prev_stage(), kTagActivation);
+          in.x = Variable(buf.narrow(0, 0, nx).view({per_micro, t, d}).clone(), true);
+          if (state_in) {
+            in.router_state = Variable(buf.narrow(0, nx, ns).view({per_micro * t, p}).clone(), true);
+          }
+          f.in = in;
+        }
+        ModelOutput out;
+        Activations act = model_.run_layers(in, ctx, out);
+        accumulate_stats(r.moe, out.moe_stats);
+        f.aux = out.aux_loss;
+        if (f.aux.defined()) aux_sum += f.aux.data().item() * inv;
+        if (last) {
+          Variable lm = model_.head_loss(act.x, batch.targets);
+          lm_sum += lm.data().item() * inv;
+          f.loss = f.aux.defined() ? ag::add(lm, ag::to_dtype(f.aux, lm.dtype())) : lm;
+        } else {
+          f.out = act;
+          sends.push_back(pp.isend(
+              pack(act.x.data(), state_out ? act.router_state.data() : Tensor()),
+              groups_->next_stage(), kTagActivation));
+        }
+        flight[j] = std::move(f);
+      } else {
+        InFlight& f = flight.at(j);
+        // The step's last backward on this stage: the reducer may start.
+        if (++backwards == micro && reducer_) reducer_->arm();
+        if (last) {
+          ag::scale(f.loss, inv).backward();
+        } else {
+          const std::int64_t nx = per_micro * t * d, ns = state_out ? per_micro * t * p : 0;
+          Tensor buf = Tensor::empty({nx + ns});
+          pp.recv(buf, groups_->next_stage(), kTagGradient);
+          std::vector<Variable> roots{f.out.x};
+          std::vector<Tensor> grads{buf.narrow(0, 0, nx).view({per_micro, t, d})};
+          if (state_out && f.out.router_state.requires_grad()) {
+            roots.push_back(f.out.router_state);
+            grads.push_back(buf.narrow(0, nx, ns).view({per_micro * t, p}));
+          }
+          if (f.aux.defined() && f.aux.requires_grad()) {
+            Variable scaled = ag::scale(f.aux, inv);
+            roots.push_back(scaled);
+            grads.push_back(Tensor::ones({}, scaled.dtype()));
+          }
+          ag::backward(roots, grads);
+        }
+        if (!first) {
+          auto grad_of = [](const Variable& v) {
+            return v.grad().defined() ? v.grad() : Tensor::zeros(v.shape(), v.dtype());
+          };
+          sends.push_back(pp.isend(pack(grad_of(f.in.x), state_in ? grad_of(f.in.router_state)
+                                                                   : Tensor()),
+                                   groups_->prev_stage(), kTagGradient));
+        }
+        flight.erase(j);
+      }
+    }
+    par::wait_all(sends);
+    if (reducer_) reducer_->finish();
+    if (gru_stage_ >= 0 && layout.pp > 1) {
+      par::reduce_shared_gru(model_.params(), *groups_, config_.model.moe.gru_dim, DType::kF32);
+    }
+    // Losses: every rank adds its share (lm on the last stage, aux on each
+    // stage with MoE layers); the sums over the world are the step's means.
+    Tensor losses = Tensor::from_vector(std::vector<double>{lm_sum, aux_sum}, {2});
+    groups_->world().allreduce_sum(losses);
+    const std::vector<double> lv = losses.to_vector<double>();
+    r.lm_loss = lv[0];
+    r.aux_loss = lv[1];
+    r.loss = lv[0] + lv[1];
+    reduce_stats(r.moe);
+    r.grad_norm = std::sqrt(par::global_grad_sum_of_squares(model_.params(), *groups_, gru_stage_));
+    // Every rank sees the same reduced loss and norm, so all skip together.
+    if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) {
+      r.skipped = true;
+      model_.params().zero_grad();
+      return r;
+    }
+    clip_gradients(model_.params(), r.grad_norm, tc.grad_clip);
+    optimizer_.step(model_.params(), lr);
+    return r;
+  }
+
+  // Sums the routing statistics of every rank into one entry per MoE layer
+  // of the whole model (token-weighted means for the per-token values).
+  // Collective over the world.
+  void reduce_stats(std::vector<MoELayerStats>& moe) const {
+    const ModelConfig& m = config_.model;
+    if (m.moe.n_experts == 0) return;
+    std::vector<std::int64_t> layers;
+    for (std::int64_t l = 0; l < m.n_layers; ++l) {
+      if (m.is_moe_layer(l)) layers.push_back(l);
+    }
+    const std::int64_t e = m.moe.n_experts, width = 5 + e;
+    std::vector<double> buf(layers.size() * width, 0.0);
+    for (const MoELayerStats& s : moe) {
+      const auto at = std::find(layers.begin(), layers.end(), s.layer) - layers.begin();
+      double* row = &buf[at * width];
+      const double tokens = static_cast<double>(s.tokens);
+      row[0] = tokens;
+      row[1] = static_cast<double>(s.dropped);
+      row[2] = s.active_params_per_token * tokens;
+      row[3] = s.gate_entropy * tokens;
+      row[4] = s.experts_per_token * tokens;
+      for (std::int64_t k = 0; k < e; ++k) row[5 + k] = static_cast<double>(s.expert_tokens[k]);
+    }
+    Tensor t = Tensor::from_vector(buf, {static_cast<std::int64_t>(buf.size())});
+    groups_->world().allreduce_sum(t);
+    buf = t.to_vector<double>();
+    moe.clear();
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      const double* row = &buf[i * width];
+      MoELayerStats s;
+      s.layer = layers[i];
+      s.tokens = static_cast<std::int64_t>(row[0]);
+      s.dropped = static_cast<std::int64_t>(row[1]);
+      const double tokens = std::max(row[0], 1.0);
+      s.active_params_per_token = row[2] / tokens;
+      s.gate_entropy = row[3] / tokens;
+      s.experts_per_token = row[4] / tokens;
+      for (std::int64_t k = 0; k < e; ++k) s.expert_tokens.push_back(static_cast<std::int64_t>(row[5 + k]));
+      moe.push_back(std::move(s));
+    }
+  }
+
+  // World rank that contributes parameter `name` to a gathered checkpoint:
+  // dp_rank 0 of the stage holding it, or for an expert the rank of the
+  // first EP block owning it (Note [Expert placement]).
+  int contributor(const std::string& name) const {
+    const ModelConfig& m = config_.model;
+    const par::GroupLayout& layout = groups_->layout();
+    if (name.rfind("embed.", 0) == 0) return layout.rank_of(0, 0);
+    if (name.rfind("final_norm.", 0) == 0 || name.rfind("lm_head.", 0) == 0) {
+      return layout.rank_of(layout.pp - 1, 0);
+    }
+    if (par::is_gru_param(name)) return layout.rank_of(gru_stage_, 0);
+    MOTLEY_CHECK(name.rfind("layers.", 0) == 0, "unexpected parameter ", name);
+    const std::int64_t l = std::stoll(name.substr(7));
+    const int stage = par::stage_of_layer(m.n_layers, layout.pp, l);
+    int dp_rank = 0;
+    if (par::is_expert_param(name) && layout.ep > 1) {
+      const std::size_t at = name.find(".moe.experts.") + 13;
+      dp_rank = owner_[std::stoll(name.substr(at))];
+    }
+    return layout.rank_of(stage, dp_rank);
+  }
+
+  // Gathers every parameter and its AdamW moments into full_model_ /
+  // full_optim_ on rank 0 (built on first use with the single-process
+  // registration order). Collective over the world: each contributor
+  // sends its tensors in its own registration order, a subsequence of the
+  // full order in which rank 0 receives them.
+  void gather_full() {
+    par::Communicator& world = groups_->world();
+    const int me = world.rank();
+    if (root_) {
+      if (!full_model_) {
+        full_model_ = std::make_unique<Transformer>(
+            config_.model, static_cast<std::uint64_t>(config_.train.seed));
+        full_optim_ = std::make_unique<AdamW>(config_.train);
+      }
+      for (const Variable& p : full_model_->params().all()) {
+        AdamWState& st = full_optim_->state(p);
+        Tensor data = p.data();
+        const int from = contributor(p.name());
+        if (from == me) {
+          const Variable& mine = model_.params().get(p.name());
+          AdamWState& local = optimizer_.state(mine);
+          data.copy_(mine.data());
+          st.exp_avg.copy_(local.exp_avg);
+          st.exp_avg_sq.copy_(local.exp_avg_sq);
+        } else {
+          world.recv(data, from, 1);
+          world.recv(st.exp_avg, from, 2);
+          world.recv(st.exp_avg_sq, from, 3);
+        }
+      }
+      full_optim_->set_step_count(optimizer_.step_count());
+    } else {
+      for (const Variable& p : model_.params().all()) {
+        if (contributor(p.name()) != me) continue;
+        AdamWState& local = optimizer_.state(p);
+        world.send(p.data().contiguous(), 0, 1);
+        world.send(local.exp_avg.contiguous(), 0, 2);
+        world.send(local.exp_avg_sq.contiguous(), 0, 3);
+      }
+    }
+  }
+
   // Model FLOPs of one step: 6 per active parameter per token (forward and
   // backward), plus attention's 12 * L * T * d per token (scores and
   // values, forward and backward), as in the PaLM paper's MFU. Active
@@ -224,8 +561,9 @@ class Trainer {
     return tokens * (6.0 * active + attention);
   }
 
-  void log_step(MetricsLog& metrics, std::int64_t step, double lr, const StepResult& r,
+  void log_step(MetricsLog* metrics, std::int64_t step, double lr, const StepResult& r,
                 double tok_s, double mfu, double eta) {
+    if (!root_) return;
     const TrainConfig& tc = config_.train;
     double load_ratio = 1.0;
     for (const MoELayerStats& s : r.moe) {
@@ -264,7 +602,7 @@ class Trainer {
     row["expert_tokens"] = experts;
     row["active_params_per_token"] = active;
     row["gate_entropy"] = entropy;
-    metrics.append(row);
+    metrics->append(row);
   }
 
   Json moe_layer_indices() const {
@@ -275,10 +613,21 @@ class Trainer {
     return layers;
   }
 
-  void run_eval(MetricsLog& metrics, std::int64_t step, bool final) {
+  void run_eval(MetricsLog* metrics, std::int64_t step, bool final) {
+    // Parallel runs evaluate on rank 0 with the gathered full model (not
+    // parallel yet: docs/parallel.md).
+    Transformer* model = &model_;
+    if (parallel_) {
+      gather_full();
+      model = full_model_.get();
+    }
+    if (!root_) {
+      groups_->world().barrier();
+      return;
+    }
     ProgressBar bar("eval", eval_window_count(data_.valid->size(), config_.train.seq_len));
     const EvalResult e =
-        evaluate(model_, *data_.valid, config_.train.seq_len,
+        evaluate(*model, *data_.valid, config_.train.seq_len,
                  std::max<std::int64_t>(1, config_.train.batch_size / config_.train.micro_batches),
                  data_.tokenizer ? &*data_.tokenizer : nullptr,
                  [&](std::int64_t done, std::int64_t) { bar.update(done); });
@@ -293,7 +642,8 @@ class Trainer {
     row["eval_loss"] = e.loss;
     row["eval_ppl"] = e.perplexity;
     if (e.bits_per_byte) row["eval_bpb"] = *e.bits_per_byte;
-    metrics.append(row);
+    metrics->append(row);
+    if (parallel_) groups_->world().barrier();
   }
 
   void save() {
@@ -306,6 +656,20 @@ class Trainer {
     meta.ep = config_.parallel.ep;
     meta.pp = config_.parallel.pp;
     const std::string path = checkpoint_path(run_dir_, step_);
+    if (parallel_) {
+      // Gather to rank 0, which writes the file a single process would
+      // (every parameter as its full global tensor, same names).
+      gather_full();
+      if (root_) {
+        save_checkpoint(path, full_model_->params(), full_optim_.get(), meta,
+                        data_.tokenizer ? data_.tokenizer->to_json() : std::string());
+        write_latest(run_dir_, fs::path(path).filename().string());
+        prune_checkpoints(run_dir_, config_.train.keep_last);
+        std::printf("saved checkpoint %s\n", path.c_str());
+      }
+      groups_->world().barrier();
+      return;
+    }
     save_checkpoint(path, model_.params(), &optimizer_, meta,
                     data_.tokenizer ? data_.tokenizer->to_json() : std::string());
     write_latest(run_dir_, fs::path(path).filename().string());
@@ -314,6 +678,7 @@ class Trainer {
   }
 
   void print_model_summary() const {
+    if (!root_) return;
     const ModelConfig& m = config_.model;
     std::printf("model: %s parameters, d_model %lld, %lld layers, %lld heads, vocab %lld\n",
                 format_count(static_cast<double>(model_.total_parameters())).c_str(),
@@ -325,22 +690,58 @@ class Trainer {
                   absl::StrJoin(model_.expert_sizes(), " ").c_str(), m.moe.router.c_str(),
                   m.moe.selection.c_str());
     }
+    if (parallel_) print_layout();
     std::fflush(stdout);
+  }
+
+  void print_layout() const {
+    const par::GroupLayout& layout = groups_->layout();
+    const ModelConfig& m = config_.model;
+    std::printf("parallel: %d ranks = pp %d x dp %d, ep %d, placement %s\n", layout.world(),
+                layout.pp, layout.dp, layout.ep, config_.parallel.placement.c_str());
+    for (int s = 0; s < layout.pp; ++s) {
+      const par::StageLayers b = par::stage_layers(m.n_layers, layout.pp, s);
+      std::printf("  stage %d: layers [%lld, %lld)\n", s, static_cast<long long>(b.begin),
+                  static_cast<long long>(b.end));
+    }
+    if (m.moe.n_experts > 0 && layout.ep > 1) {
+      const std::vector<std::int64_t> params =
+          par::rank_expert_params(owner_, model_.expert_sizes(), m.d_model, layout.ep);
+      for (int r = 0; r < layout.ep; ++r) {
+        std::vector<std::int64_t> held;
+        for (std::size_t e = 0; e < owner_.size(); ++e) {
+          if (owner_[e] == r) held.push_back(static_cast<std::int64_t>(e));
+        }
+        std::printf("  ep_rank %d: experts {%s}, %s expert parameters per MoE layer\n", r,
+                    absl::StrJoin(held, ", ").c_str(),
+                    format_count(static_cast<double>(params[r])).c_str());
+      }
+    }
   }
 
   Config config_;
   std::string run_dir_;
   const TrainData& data_;
+  std::shared_ptr<par::ProcessGroups> groups_;
+  bool root_ = true;       // world rank 0: prints, metrics, checkpoints
+  bool parallel_ = false;  // world size > 1
+  std::vector<int> owner_;  // Note [Expert placement]
+  int gru_stage_ = -1;      // first stage holding the shared GRU cell
   Transformer model_;
   AdamW optimizer_;
+  std::unique_ptr<par::CommExpertExchange> exchange_;
+  std::unique_ptr<par::GradReducer> reducer_;
+  std::unique_ptr<Transformer> full_model_;  // rank 0, gathered (checkpoints, eval)
+  std::unique_ptr<AdamW> full_optim_;
   std::int64_t step_ = 0;
   std::int64_t tokens_seen_ = 0;
   std::int64_t skipped_ = 0;
 };
 
-}  // namespace
-
-int train_main(int argc, char** argv) {
+// The training command of one process of the job: parses the command
+// line, sets up MPI and the process groups when launched by mpirun/srun,
+// and runs the Trainer.
+int train_rank_main(int argc, char** argv, std::shared_ptr<par::Communicator> world) {
   CommandLine cli("train", "Train a model from a JSON config (docs/config.md lists the keys).");
   cli.flag("config", "FILE", "the JSON config (configs/ holds presets)");
   cli.repeated("set", "KEY=VALUE", "override a config key, e.g. --set train.lr=3e-4");
@@ -356,27 +757,83 @@ int train_main(int argc, char** argv) {
   const std::string run_dir =
       cli.has("run") ? cli.get("run") : "runs/" + fs::path(config_path).stem().string();
   const std::string resume = cli.get("resume");
+  // Before any work, identical on every rank (docs/parallel.md).
+  par::validate_layout(config, world->size());
+  const bool root = world->rank() == 0;
 
   const TrainData data = open_train_data(config);
   check_vocab(config, data);
-  fs::create_directories(run_dir + "/checkpoints");
-  {
+  if (root) {
+    fs::create_directories(run_dir + "/checkpoints");
     std::ofstream out(run_dir + "/config.json");
     out << config.resolved_json().dump(2) << "\n";
+    std::printf("config (resolved):\n%s\n", config.resolved_json().dump(2).c_str());
   }
-  std::printf("config (resolved):\n%s\n", config.resolved_json().dump(2).c_str());
 
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGUSR1, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
 
-  Trainer trainer(config, run_dir, data);
+  par::GroupLayout layout;
+  layout.dp = static_cast<int>(config.parallel.dp);
+  layout.ep = static_cast<int>(config.parallel.ep);
+  layout.pp = static_cast<int>(config.parallel.pp);
+  auto groups = std::make_shared<par::ProcessGroups>(world, layout);
+  Trainer trainer(config, run_dir, data, groups);
+  if (layout.world() > 1) world->barrier();  // the run directory exists
   if (resume == "auto") {
     if (auto latest = latest_checkpoint(run_dir)) trainer.resume_from(*latest);
   } else if (resume != "none") {
     trainer.resume_from(resume);
   }
   return trainer.run();
+}
+
+}  // namespace
+
+int train_main(int argc, char** argv) {
+  // Without an MPI launcher this is one process with a LocalCommunicator:
+  // no MPI calls at all, the original single-process behaviour.
+  if (!par::launched_by_mpi()) {
+    return train_rank_main(argc, argv, std::make_shared<par::LocalCommunicator>());
+  }
+  par::mpi_initialize(nullptr, nullptr);
+  std::shared_ptr<par::Communicator> world = par::MpiCommunicator::world();
+  const char* slurm_tasks = std::getenv("SLURM_NTASKS");
+  if (world->size() == 1 && slurm_tasks != nullptr && std::atoi(slurm_tasks) > 1) {
+    par::mpi_finalize();
+    MOTLEY_FAIL(kUsage, "MPI sees 1 rank but SLURM_NTASKS = ", slurm_tasks,
+                ": each task started as a singleton (srun without MPI support). Use "
+                "srun --mpi=pmix (or pmi2), or mpirun inside the allocation.");
+  }
+  int code = 0;
+  try {
+    code = train_rank_main(argc, argv, world);
+  } catch (const Error& e) {
+    // Usage errors from validation are raised identically by every rank
+    // before any communication: report once and leave cleanly (exit 2).
+    // Anything else may have happened on this rank alone: bring the whole
+    // job down now rather than leave the others waiting forever.
+    if (e.kind() == ErrorKind::kUsage) {
+      if (world->rank() == 0) {
+        std::fprintf(stderr, "motley train: %s: %s\n", error_kind_name(e.kind()), e.what());
+      }
+      world.reset();
+      par::mpi_finalize();
+      return exit_code_for(e.kind());
+    }
+    std::fprintf(stderr, "motley train (rank %d): %s: %s\n", world->rank(),
+                 error_kind_name(e.kind()), e.what());
+    std::fflush(stderr);
+    par::mpi_abort(exit_code_for(e.kind()));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "motley train (rank %d): internal error: %s\n", world->rank(), e.what());
+    std::fflush(stderr);
+    par::mpi_abort(1);
+  }
+  world.reset();
+  par::mpi_finalize();
+  return code;
 }
 
 }  // namespace motley::apps

@@ -110,7 +110,8 @@ MoEResult moe_forward(const MoEConfig& config, const std::vector<std::int64_t>& 
 
   // ---- dispatch, experts, combine -------------------------------------------
   const std::int64_t rows = plan.rows();
-  if (rows == 0) {
+  // With an exchange even a process without rows takes part (Note [Expert exchange]).
+  if (rows == 0 && ctx.exchange == nullptr) {
     result.out = Variable(Tensor::zeros({n_tokens, d}, m.dtype(), device));
   } else {
     const Tensor row_token = index_tensor(plan.token, device);
@@ -118,15 +119,24 @@ MoEResult moe_forward(const MoEConfig& config, const std::vector<std::int64_t>& 
         ag::reshape(ag::index_select_rows(gates, index_tensor(plan.pair, device)), {rows}),
         m.dtype());                                                    // (R)
     Variable x = ag::index_select_rows(m, row_token);                  // (R, d)
-    std::vector<Variable> outputs;
-    for (std::int64_t e = 0; e < n_experts; ++e) {
-      if (plan.counts[e] == 0) continue;
-      MOTLEY_CHECK(w.experts[e].w1.defined(), "expert ", e, " of layer ", ctx.layer,
-                   " is not held by this process");
-      outputs.push_back(
-          swiglu_ffn(w.experts[e], ag::narrow(x, 0, plan.offsets[e], plan.counts[e])));
+    Variable y;  // (R, d)
+    if (ctx.exchange != nullptr) {
+      y = ctx.exchange->run(x, plan.counts, [&](std::int64_t e, const Variable& rows_e) {
+        MOTLEY_CHECK(w.experts[e].w1.defined(), "expert ", e, " of layer ", ctx.layer,
+                     " was sent to a process that does not hold it");
+        return swiglu_ffn(w.experts[e], rows_e);
+      });
+    } else {
+      std::vector<Variable> outputs;
+      for (std::int64_t e = 0; e < n_experts; ++e) {
+        if (plan.counts[e] == 0) continue;
+        MOTLEY_CHECK(w.experts[e].w1.defined(), "expert ", e, " of layer ", ctx.layer,
+                     " is not held by this process");
+        outputs.push_back(
+            swiglu_ffn(w.experts[e], ag::narrow(x, 0, plan.offsets[e], plan.counts[e])));
+      }
+      y = outputs.size() == 1 ? outputs[0] : ag::cat(outputs, 0);
     }
-    Variable y = outputs.size() == 1 ? outputs[0] : ag::cat(outputs, 0);  // (R, d)
     result.out = ag::index_add_rows(y, row_token, row_gate, n_tokens);    // (N, d)
   }
 

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "autograd/variable.h"
@@ -33,6 +34,26 @@ struct MoEWeights {
   std::vector<SwiGluWeights> experts;
 };
 
+// Note [Expert exchange]
+// The seam through which expert parallelism enters the MoE layer without
+// layers/ depending on parallel/. moe_forward hands the exchange the
+// dispatched rows grouped by global expert id (counts[e] rows of expert e,
+// in id order, possibly 0) and a function computing one expert on rows of
+// it; run() returns the expert outputs for exactly those rows, in the
+// same order. The default (no exchange) computes every expert locally.
+// An implementation may send rows to the process holding the expert and
+// bring the results back (parallel/expert_exchange.h); it must be
+// differentiable (its backward mirrors the forward), and every process of
+// an exchange group calls run() once per MoE layer per micro-batch, in
+// the same order, even with zero rows.
+class ExpertExchange {
+ public:
+  using ExpertFn = std::function<Variable(std::int64_t expert, const Variable& rows)>;
+  virtual ~ExpertExchange() = default;
+  virtual Variable run(const Variable& rows, const std::vector<std::int64_t>& counts,
+                       const ExpertFn& expert) = 0;
+};
+
 struct MoEContext {
   bool training = true;
   std::int64_t step = 0;             // update number (noise stream)
@@ -44,6 +65,8 @@ struct MoEContext {
   // probabilities: gradient checks hold the piecewise-constant selection
   // fixed while perturbing the inputs.
   const Selection* fixed_selection = nullptr;
+  // Expert parallelism (Note [Expert exchange]); null: all experts local.
+  ExpertExchange* exchange = nullptr;
 };
 
 // Routing statistics of one layer for one forward pass (metrics).

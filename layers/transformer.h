@@ -35,6 +35,8 @@ struct ForwardContext {
   bool training = true;
   std::int64_t step = 0;             // update number, for the noisy router
   std::int64_t sequence_offset = 0;  // global index of the first sequence
+  // Expert parallelism: passed to every MoE layer (Note [Expert exchange]).
+  ExpertExchange* expert_exchange = nullptr;
 };
 
 // What flows between blocks of layers (and between pipeline stages).
