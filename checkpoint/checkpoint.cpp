@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
+#include <mpi.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "layers/expert_sizes.h"
 #include "nlohmann/json.hpp"
 
 namespace motley {
@@ -23,7 +25,24 @@ namespace fs = std::filesystem;
 // file step_N.h5.tmp -> step_N.h5, then LATEST.tmp -> LATEST. A crash
 // before the second rename leaves LATEST naming the previous checkpoint,
 // which is never deleted while LATEST names it. Readers only follow
-// LATEST, so they never see a partial file.
+// LATEST, so they never see a partial file. A sharded save (many ranks,
+// one file) keeps the same order: every rank closes the file (collective),
+// rank 0 fsyncs it, all ranks meet at a barrier, and only then does rank 0
+// rename it; LATEST follows.
+
+// Note [Checksum attribute]
+// HDF5 1.10 cannot apply filters (Fletcher32 included) to datasets written
+// in parallel, so a sharded save stores contiguous datasets and, on each,
+// a scalar uint64 attribute "checksum": FNV-1a 64 (offset basis
+// 14695981039346656037, prime 1099511628211) over the tensor's float32
+// little-endian bytes in row-major order. The rank that writes a tensor
+// computes it while the data is in its memory; attributes are metadata,
+// which parallel HDF5 requires every rank to write identically, so the
+// sums are combined with one all-reduce (each slot has exactly one
+// writer, the others contribute 0) and then written by all ranks.
+// CheckpointReader::read verifies it whenever the attribute is present;
+// from Python: h = 14695981039346656037; for b in a.astype("<f4").tobytes():
+// h = ((h ^ b) * 1099511628211) % 2**64.
 
 namespace {
 
@@ -211,7 +230,293 @@ std::vector<std::int64_t> read_int_attr(hid_t obj, const char* name, const std::
   return values;
 }
 
+void write_root_attrs(hid_t root, const CheckpointMeta& meta, const std::string& created_utc,
+                      const std::string& path) {
+  write_string_attr(root, "format", kCheckpointFormat, path);
+  write_int_attr(root, "format_version", {meta.format_version}, path);
+  write_int_attr(root, "step", {meta.step}, path);
+  write_int_attr(root, "tokens_seen", {meta.tokens_seen}, path);
+  write_int_attr(root, "seed", {meta.seed}, path);
+  write_string_attr(root, "config", meta.config_json, path);
+  write_int_attr(root, "saved_layout", {meta.dp, meta.ep, meta.pp}, path);
+  write_string_attr(root, "created_utc", created_utc, path);
+}
+
+void write_u64_attr(hid_t obj, const char* name, std::uint64_t value, const std::string& path) {
+  H5Id space(check_write(H5Screate(H5S_SCALAR), "create a dataspace", path), H5Sclose);
+  H5Id attr(check_write(H5Acreate2(obj, name, H5T_STD_U64LE, space.get(), H5P_DEFAULT,
+                                   H5P_DEFAULT),
+                        "create an attribute", path),
+            H5Aclose);
+  check_write(H5Awrite(attr.get(), H5T_NATIVE_UINT64, &value), "write an attribute", path);
+}
+
+void check_mpi(int code, const char* what) {
+  if (code == MPI_SUCCESS) return;
+  char message[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(code, message, &len);
+  MOTLEY_FAIL(kRuntime, what, " failed: ", std::string(message, len));
+}
+
+std::string utc_string(std::time_t when) {
+  std::tm tm{};
+  gmtime_r(&when, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+// The tokenizer JSON as a fixed-length UTF-8 string dataset (h5py: bytes).
+H5Id create_tokenizer_dataset(hid_t root, const std::string& json, hid_t dcpl,
+                              const std::string& path, H5Id& type) {
+  type = H5Id(check_write(H5Tcopy(H5T_C_S1), "copy a string type", path), H5Tclose);
+  check_write(H5Tset_size(type.get(), json.size()), "size a string type", path);
+  check_write(H5Tset_cset(type.get(), H5T_CSET_UTF8), "set a string type's encoding", path);
+  H5Id space(check_write(H5Screate(H5S_SCALAR), "create a dataspace", path), H5Sclose);
+  return H5Id(check_write(H5Dcreate2(root, "tokenizer", type.get(), space.get(), H5P_DEFAULT,
+                                     dcpl, H5P_DEFAULT),
+                          "create the tokenizer dataset", path),
+              H5Dclose);
+}
+
 }  // namespace
+
+std::uint64_t fnv1a64(const void* data, std::size_t size) {
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  std::uint64_t h = 14695981039346656037ull;
+  for (std::size_t i = 0; i < size; ++i) {
+    h ^= bytes[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+std::vector<TensorSpec> global_parameter_specs(const ModelConfig& config) {
+  // Mirrors Transformer's constructor for the whole model (tested against
+  // it in tests/checkpoint: GlobalSpecsMatchTheModel).
+  const std::int64_t d = config.d_model, n_experts = config.moe.n_experts;
+  const std::vector<std::int64_t> sizes = expert_hidden_sizes(config.moe);
+  std::vector<TensorSpec> out;
+  auto add = [&](std::string name, Shape shape) { out.push_back({std::move(name), shape}); };
+  add("embed.weight", {config.vocab_size, d});
+  bool any_moe = false;
+  for (std::int64_t l = 0; l < config.n_layers; ++l) any_moe |= config.is_moe_layer(l);
+  if (any_moe && config.moe.router == "gru") {
+    const std::int64_t p = config.moe.gru_dim;
+    add("moe_gru.weight_ih", {3 * p, p});
+    add("moe_gru.weight_hh", {3 * p, p});
+    add("moe_gru.bias_ih", {3 * p});
+    add("moe_gru.bias_hh", {3 * p});
+  }
+  for (std::int64_t l = 0; l < config.n_layers; ++l) {
+    const std::string prefix = absl::StrCat("layers.", l, ".");
+    add(prefix + "attn_norm.weight", {d});
+    add(prefix + "attn.wq", {d, d});
+    add(prefix + "attn.wk", {d, d});
+    add(prefix + "attn.wv", {d, d});
+    add(prefix + "attn.wo", {d, d});
+    add(prefix + "ffn_norm.weight", {d});
+    if (!config.is_moe_layer(l)) {
+      const std::int64_t h = config.ffn_hidden;
+      add(prefix + "ffn.w1", {h, d});
+      add(prefix + "ffn.w2", {d, h});
+      add(prefix + "ffn.w3", {h, d});
+      continue;
+    }
+    const std::string moe = prefix + "moe.";
+    if (config.moe.router == "gru") {
+      add(moe + "router.proj", {config.moe.gru_dim, d});
+      add(moe + "router.gate", {n_experts, config.moe.gru_dim});
+    } else {
+      add(moe + "router.weight", {n_experts, d});
+      if (config.moe.router == "noisy") add(moe + "router.noise", {n_experts, d});
+    }
+    for (std::int64_t e = 0; e < n_experts; ++e) {
+      const std::string ex = absl::StrCat(moe, "experts.", e, ".");
+      const std::int64_t h = sizes[e];
+      add(ex + "w1", {h, d});
+      add(ex + "w2", {d, h});
+      add(ex + "w3", {h, d});
+    }
+  }
+  add("final_norm.weight", {d});
+  add("lm_head.weight", {config.vocab_size, d});
+  return out;
+}
+
+int checkpoint_writer(const std::string& name, const ModelConfig& config,
+                      const parallel::GroupLayout& layout, const std::vector<int>& expert_owner) {
+  const std::int64_t n_layers = config.n_layers;
+  if (name.rfind("embed.", 0) == 0) return layout.rank_of(0, 0);
+  if (name.rfind("final_norm.", 0) == 0 || name.rfind("lm_head.", 0) == 0) {
+    return layout.rank_of(layout.pp - 1, 0);
+  }
+  if (name.rfind("moe_gru.", 0) == 0) {
+    for (std::int64_t l = 0; l < n_layers; ++l) {
+      if (config.is_moe_layer(l)) {
+        return layout.rank_of(parallel::stage_of_layer(n_layers, layout.pp, l), 0);
+      }
+    }
+    MOTLEY_FAIL(kInternal, name, " in a model without MoE layers");
+  }
+  MOTLEY_CHECK(name.rfind("layers.", 0) == 0, "not a model parameter: ", name);
+  const std::int64_t l = std::stoll(name.substr(7));
+  const int stage = parallel::stage_of_layer(n_layers, layout.pp, l);
+  int dp_rank = 0;
+  const std::size_t at = name.find(".moe.experts.");
+  if (at != std::string::npos && layout.ep > 1) {
+    const std::int64_t e = std::stoll(name.substr(at + 13));
+    MOTLEY_CHECK(e >= 0 && e < static_cast<std::int64_t>(expert_owner.size()), "expert ", e,
+                 " of ", name, " has no owner");
+    dp_rank = expert_owner[e];
+  }
+  return layout.rank_of(stage, dp_rank);
+}
+
+void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
+                             const AdamW& optimizer, const CheckpointMeta& meta,
+                             const std::string& tokenizer_json,
+                             const std::vector<TensorSpec>& specs, const std::vector<int>& writer,
+                             parallel::Communicator& world) {
+  silence_hdf5();
+  MOTLEY_CHECK(writer.size() == specs.size(), "save_checkpoint_sharded: ", writer.size(),
+               " writers for ", specs.size(), " tensors");
+  const int me = world.rank();
+  const bool mpi = world.size() > 1;
+  if (mpi) {
+    int world_size = 0;
+    check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &world_size), "MPI_Comm_size");
+    MOTLEY_CHECK(world_size == world.size(), "save_checkpoint_sharded: the communicator has ",
+                 world.size(), " ranks but MPI_COMM_WORLD has ", world_size);
+  }
+  const std::string tmp = path + ".tmp";
+  // One clock for created_utc (an attribute: identical on every rank).
+  std::string created = meta.created_utc;
+  if (created.empty()) {
+    const auto now = static_cast<std::int64_t>(
+        std::chrono::system_clock::to_time_t(std::chrono::system_clock::now()));
+    Tensor when = Tensor::from_vector(std::vector<std::int64_t>{me == 0 ? now : 0}, {1});
+    world.broadcast(when, 0);
+    created = utc_string(static_cast<std::time_t>(when.to_vector<std::int64_t>()[0]));
+  }
+  if (me == 0) fs::create_directories(parent_dir(path));
+  world.barrier();  // the directory exists before anyone opens the file
+  {
+    H5Id fapl(check_write(H5Pcreate(H5P_FILE_ACCESS), "create a property list", tmp), H5Pclose);
+    if (mpi) {
+      check_write(H5Pset_fapl_mpio(fapl.get(), MPI_COMM_WORLD, MPI_INFO_NULL),
+                  "select the MPI-IO driver", tmp);
+      check_write(H5Pset_all_coll_metadata_ops(fapl.get(), true),
+                  "select collective metadata reads", tmp);
+      check_write(H5Pset_coll_metadata_write(fapl.get(), true),
+                  "select collective metadata writes", tmp);
+    }
+    H5Id file(check_write(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()),
+                          "create the file", tmp),
+              H5Fclose);
+    const hid_t root = file.get();
+    write_root_attrs(root, meta, created, tmp);
+    // Contiguous, allocated at creation, never filled: the writer's data is
+    // the only thing written into a dataset.
+    H5Id dcpl(check_write(H5Pcreate(H5P_DATASET_CREATE), "create a property list", tmp),
+              H5Pclose);
+    check_write(H5Pset_layout(dcpl.get(), H5D_CONTIGUOUS), "select contiguous layout", tmp);
+    check_write(H5Pset_alloc_time(dcpl.get(), H5D_ALLOC_TIME_EARLY), "set allocation time", tmp);
+    check_write(H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER), "set fill time", tmp);
+
+    H5Id model = make_group(root, "model", tmp);
+    H5Id optim = make_group(root, "optim", tmp);
+    write_int_attr(optim.get(), "step", {optimizer.step_count()}, tmp);
+    H5Id exp_avg = make_group(optim.get(), "exp_avg", tmp);
+    H5Id exp_avg_sq = make_group(optim.get(), "exp_avg_sq", tmp);
+    const hid_t groups[3] = {model.get(), exp_avg.get(), exp_avg_sq.get()};
+
+    // 1. Every rank creates every dataset, in the same order (collective).
+    const std::size_t n = specs.size();
+    std::vector<H5Id> dsets;
+    dsets.reserve(3 * n);
+    for (const hid_t group : groups) {
+      for (const TensorSpec& spec : specs) {
+        std::vector<hsize_t> dims(spec.shape.begin(), spec.shape.end());
+        H5Id space(check_write(H5Screate_simple(static_cast<int>(dims.size()), dims.data(),
+                                                nullptr),
+                               "create a dataspace", tmp),
+                   H5Sclose);
+        dsets.emplace_back(check_write(H5Dcreate2(group, spec.name.c_str(), H5T_IEEE_F32LE,
+                                                  space.get(), H5P_DEFAULT, dcpl.get(),
+                                                  H5P_DEFAULT),
+                                       "create a dataset", tmp),
+                           H5Dclose);
+      }
+    }
+    H5Id tokenizer_type, tokenizer;
+    if (!tokenizer_json.empty()) {
+      tokenizer = create_tokenizer_dataset(root, tokenizer_json, dcpl.get(), tmp, tokenizer_type);
+    }
+
+    // 2. Each tensor's writer writes its data (independent I/O), one
+    // tensor in memory at a time, and checksums it.
+    std::vector<std::int64_t> sums(3 * n, 0);
+    auto write_one = [&](std::size_t slot, const Tensor& tensor) {
+      const Tensor t = tensor.to(Device::cpu()).to(DType::kF32).contiguous();
+      const TensorSpec& spec = specs[slot % n];
+      MOTLEY_CHECK(t.shape() == spec.shape, "save_checkpoint_sharded: ", spec.name, " is ",
+                   shape_str(t.shape()), " on rank ", me, ", the model's is ",
+                   shape_str(spec.shape));
+      if (t.numel() > 0) {
+        check_write(H5Dwrite(dsets[slot].get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                             t.data<float>()),
+                    "write a dataset", tmp);
+      }
+      const std::uint64_t sum = fnv1a64(t.raw_data(), static_cast<std::size_t>(t.numel()) * 4);
+      sums[slot] = static_cast<std::int64_t>(sum);
+    };
+    for (std::size_t i = 0; i < n; ++i) {
+      if (writer[i] != me) continue;
+      const std::string& name = specs[i].name;
+      MOTLEY_CHECK(local.contains(name), "save_checkpoint_sharded: rank ", me,
+                   " is the writer of ", name, " but does not hold it");
+      write_one(i, local.get(name).data());
+      if (optimizer.has_state(name)) {
+        const AdamWState& state = optimizer.states().at(name);
+        write_one(n + i, state.exp_avg);
+        write_one(2 * n + i, state.exp_avg_sq);
+      } else {  // no update yet: zero moments, as AdamW would start from
+        const Tensor zeros = Tensor::zeros(specs[i].shape, DType::kF32);
+        write_one(n + i, zeros);
+        write_one(2 * n + i, zeros);
+      }
+    }
+    if (tokenizer.get() >= 0 && me == 0) {
+      check_write(H5Dwrite(tokenizer.get(), tokenizer_type.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                           tokenizer_json.data()),
+                  "write the tokenizer", tmp);
+    }
+
+    // 3. Checksums: one all-reduce, then identical attribute writes
+    // everywhere (Note [Checksum attribute]).
+    Tensor all = Tensor::from_vector(sums, {static_cast<std::int64_t>(sums.size())});
+    world.allreduce_sum(all);
+    const std::vector<std::int64_t> reduced = all.to_vector<std::int64_t>();
+    for (std::size_t slot = 0; slot < dsets.size(); ++slot) {
+      write_u64_attr(dsets[slot].get(), "checksum", static_cast<std::uint64_t>(reduced[slot]),
+                     tmp);
+    }
+    dsets.clear();
+    tokenizer.reset();
+    check_write(H5Fflush(root, H5F_SCOPE_GLOBAL), "flush", tmp);
+  }  // every handle closed; H5Fclose is collective under MPI-IO
+  if (me == 0) fsync_path(tmp, false);
+  world.barrier();  // Note [Atomic checkpoints]: complete everywhere before the rename
+  if (me == 0) {
+    std::error_code ec;
+    fs::rename(tmp, path, ec);
+    MOTLEY_CHECK_KIND(kRuntime, !ec, "cannot rename ", tmp, " to ", path, ": ", ec.message());
+    fsync_path(parent_dir(path), true);
+  }
+  world.barrier();  // the file exists under its name for every rank
+}
 
 void save_checkpoint(const std::string& path, const ParameterSet& params, const AdamW* optimizer,
                      const CheckpointMeta& meta, const std::string& tokenizer_json) {
@@ -223,15 +528,7 @@ void save_checkpoint(const std::string& path, const ParameterSet& params, const 
                           "create the file", tmp),
               H5Fclose);
     const hid_t root = file.get();
-    write_string_attr(root, "format", kCheckpointFormat, tmp);
-    write_int_attr(root, "format_version", {meta.format_version}, tmp);
-    write_int_attr(root, "step", {meta.step}, tmp);
-    write_int_attr(root, "tokens_seen", {meta.tokens_seen}, tmp);
-    write_int_attr(root, "seed", {meta.seed}, tmp);
-    write_string_attr(root, "config", meta.config_json, tmp);
-    write_int_attr(root, "saved_layout", {meta.dp, meta.ep, meta.pp}, tmp);
-    write_string_attr(root, "created_utc", meta.created_utc.empty() ? utc_now() : meta.created_utc,
-                      tmp);
+    write_root_attrs(root, meta, meta.created_utc.empty() ? utc_now() : meta.created_utc, tmp);
     {
       H5Id model = make_group(root, "model", tmp);
       for (const autograd::Variable& p : params.all()) write_tensor(model.get(), p.name(), p.data(), tmp);
@@ -416,6 +713,21 @@ Tensor CheckpointReader::read(const std::string& group, const std::string& name)
       H5Dread(dset.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data<float>()) < 0) {
     corrupt(path_, absl::StrCat("checksum mismatch or unreadable data in dataset /", full,
                                 " (the file is corrupt)"));
+  }
+  // Note [Checksum attribute] (files written by many ranks).
+  const htri_t has_sum = H5Aexists(dset.get(), "checksum");
+  if (has_sum < 0) corrupt(path_, absl::StrCat("cannot inspect dataset /", full));
+  if (has_sum > 0) {
+    H5Id attr(H5Aopen(dset.get(), "checksum", H5P_DEFAULT), H5Aclose);
+    std::uint64_t want = 0;
+    if (attr.get() < 0 || H5Aread(attr.get(), H5T_NATIVE_UINT64, &want) < 0) {
+      corrupt(path_, absl::StrCat("cannot read the checksum attribute of dataset /", full));
+    }
+    const std::uint64_t got = fnv1a64(t.raw_data(), static_cast<std::size_t>(t.numel()) * 4);
+    if (got != want) {
+      corrupt(path_, absl::StrCat("checksum mismatch in dataset /", full,
+                                  " (the file is corrupt): stored ", want, ", computed ", got));
+    }
   }
   return t;
 }

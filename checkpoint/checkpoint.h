@@ -12,8 +12,13 @@
 //   /optim                 attrs: step (bias-correction count)
 //   /tokenizer             the tokenizer JSON (string dataset; absent if none)
 //
-// Every dataset carries HDF5's Fletcher32 checksum, so a corrupted dataset
-// fails to read and is reported by name. Files are written under a
+// Every float32 dataset carries a checksum, verified on every read, so a
+// corrupted dataset is reported by name: HDF5's Fletcher32 filter (chunked
+// datasets; files written by one process) or, for files written by many
+// ranks through MPI-IO (where HDF5 1.10 allows no filters), a uint64
+// attribute "checksum" holding FNV-1a 64 of the little-endian float32
+// bytes of the whole tensor (Note [Checksum attribute]). The reader accepts
+// both. Files are written under a
 // temporary name, fsync'ed and renamed, and LATEST is replaced the same
 // way afterwards: a crash at any moment leaves the previous LATEST
 // loadable. See Note [Atomic checkpoints].
@@ -32,6 +37,8 @@
 #include "core/tensor.h"
 #include "layers/optimizer.h"
 #include "layers/parameters.h"
+#include "parallel/communicator.h"
+#include "parallel/process_groups.h"
 
 namespace motley {
 
@@ -54,6 +61,58 @@ void save_checkpoint(const std::string& path, const ParameterSet& params,
                      const AdamW* optimizer, const CheckpointMeta& meta,
                      const std::string& tokenizer_json);
 
+// ---- writing from shards (parallel runs) ------------------------------------------
+// A tensor of the whole model: its global name and full shape.
+struct TensorSpec {
+  std::string name;
+  Shape shape;
+};
+
+// Every parameter of the whole model `config` describes (all stages, all
+// experts), in a single process's registration order (SPEC section 5
+// names). A pure function of the config: every rank derives the same list
+// without communication.
+std::vector<TensorSpec> global_parameter_specs(const ModelConfig& config);
+
+// The world rank that writes global parameter `name` in a sharded save
+// under `layout`: for dense parameters dp_rank 0 of the stage holding them;
+// for an expert the lowest rank among its replicas (the rank of EP block
+// 0 with ep_rank expert_owner[e], Note [Expert placement]); for the shared
+// GRU cell (moe_gru.*) dp_rank 0 of the first stage with an MoE layer.
+// Pure; kInternal for a name that is not a model parameter.
+int checkpoint_writer(const std::string& name, const ModelConfig& config,
+                      const parallel::GroupLayout& layout, const std::vector<int>& expert_owner);
+
+// Writes one complete checkpoint, atomically, from the shards of every rank
+// of `world`, without gathering: collective over `world` (every rank calls
+// it with the same path, meta, tokenizer, specs and writer; under MPI
+// `world` must span MPI_COMM_WORLD, which parallel HDF5 opens the file on).
+//   specs      every global tensor (global_parameter_specs), same order
+//              on every rank;
+//   writer[i]  the world rank that writes specs[i]: it must hold that
+//              parameter in `local` (and its moments in `optimizer`).
+// Every rank creates the same file, groups and contiguous datasets
+// collectively; each tensor's data is written by its writer alone
+// (independent MPI-IO) with a "checksum" attribute (Note [Checksum
+// attribute]). Extra memory per rank: at most one tensor (a float32 copy
+// when the parameter is stored otherwise). The file is written as
+// path + ".tmp", closed, fsync'ed by world rank 0 and renamed by it after
+// a barrier; on return the file is complete on every rank (LATEST is the
+// caller's: write_latest on one rank). With a world of size 1 it writes
+// the same layout through HDF5's default (POSIX) driver.
+// Throws kRuntime when HDF5 or the file system fails, kInternal when a
+// writer does not hold its tensor; a failure on one rank leaves the
+// others inside collectives, so callers abort the job (apps/train.cpp).
+void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
+                             const AdamW& optimizer, const CheckpointMeta& meta,
+                             const std::string& tokenizer_json,
+                             const std::vector<TensorSpec>& specs, const std::vector<int>& writer,
+                             parallel::Communicator& world);
+
+// FNV-1a 64 of `size` bytes (the "checksum" attribute of Note [Checksum
+// attribute]).
+std::uint64_t fnv1a64(const void* data, std::size_t size);
+
 // An open checkpoint file, validated on open (format, version).
 class CheckpointReader {
  public:
@@ -73,7 +132,9 @@ class CheckpointReader {
   std::vector<std::string> names(const std::string& group) const;
   bool has(const std::string& group, const std::string& name) const;
   Shape shape(const std::string& group, const std::string& name) const;
-  // Reads one dataset as a float32 CPU tensor (checksum verified).
+  // Reads one dataset as a float32 CPU tensor, its checksum (Fletcher32
+  // or the "checksum" attribute) verified: kCheckpoint naming the dataset
+  // on a mismatch.
   Tensor read(const std::string& group, const std::string& name) const;
 
  private:

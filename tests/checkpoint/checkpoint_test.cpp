@@ -160,6 +160,116 @@ TEST(Checkpoint, ChecksumMismatchNamesTheDataset) {
                           "lm_head.weight");
 }
 
+// Flips one byte of the stored data of a contiguous dataset.
+void flip_contiguous_byte(const std::string& path, const std::string& dataset) {
+  hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  hid_t d = H5Dopen2(f, dataset.c_str(), H5P_DEFAULT);
+  ASSERT_GE(d, 0);
+  const haddr_t offset = H5Dget_offset(d);
+  H5Dclose(d);
+  H5Fclose(f);
+  ASSERT_NE(offset, HADDR_UNDEF) << dataset << " is not contiguous";
+  std::fstream io(path, std::ios::binary | std::ios::in | std::ios::out);
+  io.seekg(static_cast<std::streamoff>(offset + 10));
+  char c = 0;
+  io.read(&c, 1);
+  c ^= 0x5a;
+  io.seekp(static_cast<std::streamoff>(offset + 10));
+  io.write(&c, 1);
+}
+
+TEST(Checkpoint, GlobalSpecsMatchTheModel) {
+  for (const std::vector<std::string>& sets :
+       {std::vector<std::string>{}, {"model.moe.router=linear", "model.moe.every=2"},
+        {"model.moe.router=noisy", "model.n_layers=3", "model.moe.first_dense=1"},
+        {"model.moe.n_experts=0"}}) {
+    const Config c = Config::from_json(tiny_config().resolved_json(), sets);
+    const Transformer full(c.model, 1);
+    const std::vector<TensorSpec> specs = global_parameter_specs(c.model);
+    ASSERT_EQ(specs.size(), full.params().all().size());
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      EXPECT_EQ(specs[i].name, full.params().all()[i].name());
+      EXPECT_EQ(specs[i].shape, full.params().all()[i].shape()) << specs[i].name;
+    }
+  }
+}
+
+TEST(Checkpoint, WritersHoldTheirTensors) {
+  // Under every layout, the writer of each tensor holds it (simulated
+  // ranks), and replicas defer to dp_rank 0 / the lowest owner.
+  const Config c = Config::from_json(tiny_config().resolved_json(), {"model.n_layers=4"});
+  for (const parallel::GroupLayout layout :
+       {parallel::GroupLayout{1, 1, 1}, parallel::GroupLayout{2, 2, 1},
+        parallel::GroupLayout{4, 2, 2}, parallel::GroupLayout{2, 1, 4}}) {
+    const std::vector<int> owner = layout.ep > 1 ? std::vector<int>{0, 1, 0, 1}
+                                                 : std::vector<int>{0, 0, 0, 0};
+    for (const TensorSpec& spec : global_parameter_specs(c.model)) {
+      const int w = checkpoint_writer(spec.name, c.model, layout, owner);
+      const parallel::RankCoords at = layout.coords(w);
+      EXPECT_LT(at.dp_rank, layout.ep) << spec.name;  // EP block 0
+      ModelShard shard;
+      const parallel::StageLayers block = parallel::stage_layers(4, layout.pp, at.pp_rank);
+      shard.layer_begin = block.begin;
+      shard.layer_end = block.end;
+      if (layout.ep > 1) {
+        for (int o : owner) shard.hold_expert.push_back(o == at.ep_rank);
+      }
+      const Transformer mine(c.model, 1, DType::kF32, Device::cpu(), shard);
+      EXPECT_TRUE(mine.params().contains(spec.name)) << spec.name << " on rank " << w;
+    }
+  }
+}
+
+TEST(Checkpoint, ShardedSaveOfOneRankRoundTripsWithAttributeChecksums) {
+  const std::string dir = temp_dir("sharded");
+  Trained t;
+  const std::string path = checkpoint_path(dir, 2);
+  const std::vector<TensorSpec> specs = global_parameter_specs(t.config.model);
+  parallel::LocalCommunicator world;
+  save_checkpoint_sharded(path, t.model.params(), t.optimizer, t.meta(), "{\"tok\": 1}", specs,
+                          std::vector<int>(specs.size(), 0), world);
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  const CheckpointReader reader = CheckpointReader::open(path);
+  EXPECT_EQ(reader.meta().step, 2);
+  EXPECT_EQ(reader.optimizer_step(), 2);
+  EXPECT_EQ(reader.tokenizer_json().value(), "{\"tok\": 1}");
+  EXPECT_EQ(reader.names("model").size(), specs.size());
+  Transformer fresh(t.config.model, 99);
+  AdamW opt(t.config.train);
+  load_checkpoint(reader, fresh.params(), &opt);
+  EXPECT_EQ(opt.step_count(), 2);
+  for (const autograd::Variable& p : t.model.params().all()) {
+    EXPECT_EQ(ops::max_abs_diff(p.data(), fresh.params().get(p.name()).data()), 0.0) << p.name();
+    EXPECT_EQ(ops::max_abs_diff(t.optimizer.state(p).exp_avg,
+                                opt.state(fresh.params().get(p.name())).exp_avg),
+              0.0);
+  }
+  // The attribute holds FNV-1a 64 of the float32 bytes.
+  {
+    hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t a = H5Aopen_by_name(f, "model/final_norm.weight", "checksum", H5P_DEFAULT, H5P_DEFAULT);
+    std::uint64_t stored = 0;
+    ASSERT_GE(H5Aread(a, H5T_NATIVE_UINT64, &stored), 0);
+    H5Aclose(a);
+    H5Fclose(f);
+    const Tensor w = t.model.params().get("final_norm.weight").data();
+    EXPECT_EQ(stored, fnv1a64(w.raw_data(), static_cast<std::size_t>(w.numel()) * 4));
+  }
+  EXPECT_EQ(fnv1a64("a", 1), 0xaf63dc4c8601ec8cull);  // the published FNV-1a 64 vector
+
+  // A flipped byte is caught and the dataset named.
+  flip_contiguous_byte(path, "optim/exp_avg_sq/lm_head.weight");
+  const CheckpointReader damaged = CheckpointReader::open(path);
+  EXPECT_NO_THROW(damaged.read("model", "lm_head.weight"));
+  expect_checkpoint_error([&] { damaged.read("optim/exp_avg_sq", "lm_head.weight"); },
+                          "checksum mismatch in dataset /optim/exp_avg_sq/lm_head.weight");
+  Transformer again(t.config.model, 1);
+  AdamW opt2(t.config.train);
+  expect_checkpoint_error([&] { load_checkpoint(damaged, again.params(), &opt2); },
+                          "lm_head.weight");
+}
+
 TEST(Checkpoint, ArchitectureMismatchNamesTheKeys) {
   const std::string dir = temp_dir("arch");
   Trained t;
