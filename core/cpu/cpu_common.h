@@ -1,0 +1,331 @@
+// Helpers shared by the CPU backend's kernel files (private to core/cpu/).
+//
+// * dtype dispatch: call a generic lambda with a value of the C++ type of a
+//   DType, throwing kShape for dtypes the kernel does not support;
+// * strided loops: walk N same-shaped strided operands as a sequence of
+//   1-D runs, after merging dimensions that are contiguous in every operand;
+// * BLAS wrappers templated on float/double;
+// * a vectorisable exp for float (the libm one does not vectorise).
+#pragma once
+
+#include <cblas.h>
+
+#include <Eigen/Core>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#include "core/backend.h"
+#include "core/check.h"
+#include "core/dtype.h"
+#include "core/tensor.h"
+
+namespace motley::cpu {
+
+// dtype_name as a std::string: absl::StrCat does not take std::string_view
+// when Abseil is built with its own string_view.
+inline std::string dtype_str(DType dtype) { return std::string(dtype_name(dtype)); }
+
+// ---- dtype dispatch ---------------------------------------------------------
+
+// f32 and f64: every floating kernel of the CPU backend.
+template <typename F>
+decltype(auto) dispatch_float(const char* kernel, DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kF32: return f(float{});
+    case DType::kF64: return f(double{});
+    default: break;
+  }
+  MOTLEY_FAIL(kShape, "cpu ", kernel, ": dtype ", dtype_str(dtype),
+              " not supported (f32 or f64 expected)");
+}
+
+// f32, f64, i32, i64: arithmetic that also makes sense on integers.
+template <typename F>
+decltype(auto) dispatch_arith(const char* kernel, DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kF32: return f(float{});
+    case DType::kF64: return f(double{});
+    case DType::kI32: return f(std::int32_t{});
+    case DType::kI64: return f(std::int64_t{});
+    default: break;
+  }
+  MOTLEY_FAIL(kShape, "cpu ", kernel, ": dtype ", dtype_str(dtype),
+              " not supported (f32, f64, i32 or i64 expected)");
+}
+
+// Every dtype (copies, fills, masks).
+template <typename F>
+decltype(auto) dispatch_all(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kF32: return f(float{});
+    case DType::kF64: return f(double{});
+    case DType::kBF16: return f(BFloat16{});
+    case DType::kI32: return f(std::int32_t{});
+    case DType::kI64: return f(std::int64_t{});
+  }
+  MOTLEY_FAIL(kInternal, "unknown dtype");
+}
+
+// Index tensors: i32 or i64.
+template <typename F>
+decltype(auto) dispatch_index(const char* kernel, DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kI32: return f(std::int32_t{});
+    case DType::kI64: return f(std::int64_t{});
+    default: break;
+  }
+  MOTLEY_FAIL(kShape, "cpu ", kernel, ": index dtype ", dtype_str(dtype),
+              " not supported (i32 or i64 expected)");
+}
+
+// Value conversion between any two element types (bf16 through float).
+template <typename D, typename S>
+inline D cast_value(S s) {
+  if constexpr (std::is_same_v<D, S>) {
+    return s;
+  } else if constexpr (std::is_same_v<S, BFloat16>) {
+    return cast_value<D>(static_cast<float>(s));
+  } else if constexpr (std::is_same_v<D, BFloat16>) {
+    return BFloat16(static_cast<float>(s));
+  } else {
+    return static_cast<D>(s);
+  }
+}
+
+template <typename T>
+inline bool is_nonzero(T v) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    return (v.bits & 0x7fffu) != 0;
+  } else {
+    return v != T(0);
+  }
+}
+
+template <typename T>
+inline const T* cdata(const Tensor& t) {
+  return static_cast<const T*>(t.raw_data());
+}
+template <typename T>
+inline T* mdata(const Tensor& t) {
+  return static_cast<T*>(t.raw_data());
+}
+
+inline void require_contiguous(const char* kernel, const Tensor& t, const char* name) {
+  MOTLEY_CHECK_KIND(kShape, t.is_contiguous(), "cpu ", kernel, ": ", name, " ",
+                    t.str(), " must be contiguous");
+}
+
+// Rows view: (numel / n, n) with n the size of the last dimension.
+inline std::int64_t last_dim(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(-1); }
+inline std::int64_t row_count(const Tensor& t) {
+  const std::int64_t n = last_dim(t);
+  return n == 0 ? 0 : t.numel() / n;
+}
+
+// ---- strided loops ----------------------------------------------------------
+
+// Walks N operands of the same logical shape. `run(offsets, n, strides)` is
+// called once per innermost run with each operand's element offset (from
+// its raw_data()) and its stride along the run. Dimensions of size 1 are
+// dropped and adjacent dimensions that are contiguous in every operand are
+// merged, so contiguous operands give one run of numel elements.
+template <std::size_t N, typename Run>
+void strided_loop(const Shape& shape, const std::array<const Shape*, N>& strides,
+                  Run&& run) {
+  constexpr int kMaxDims = 16;
+  std::int64_t sizes[kMaxDims];
+  std::int64_t st[N][kMaxDims];
+  int nd = 0;
+  for (std::size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] == 0) return;
+    if (shape[d] == 1) continue;
+    MOTLEY_CHECK(nd < kMaxDims, "too many dimensions: ", shape.size());
+    sizes[nd] = shape[d];
+    for (std::size_t o = 0; o < N; ++o) st[o][nd] = (*strides[o])[d];
+    ++nd;
+  }
+  // Merge dimension d into d+1 (outer into inner) where contiguous.
+  int merged = 0;
+  for (int d = 0; d < nd; ++d) {
+    if (merged > 0) {
+      bool can = true;
+      for (std::size_t o = 0; o < N; ++o) {
+        if (st[o][merged - 1] != st[o][d] * sizes[d]) can = false;
+      }
+      if (can) {
+        sizes[merged - 1] *= sizes[d];
+        for (std::size_t o = 0; o < N; ++o) st[o][merged - 1] = st[o][d];
+        continue;
+      }
+    }
+    sizes[merged] = sizes[d];
+    for (std::size_t o = 0; o < N; ++o) st[o][merged] = st[o][d];
+    ++merged;
+  }
+  nd = merged;
+  std::array<std::int64_t, N> off{};
+  std::array<std::int64_t, N> inner{};
+  if (nd == 0) {  // a single element
+    for (std::size_t o = 0; o < N; ++o) inner[o] = 1;
+    run(off, std::int64_t{1}, inner);
+    return;
+  }
+  for (std::size_t o = 0; o < N; ++o) inner[o] = st[o][nd - 1];
+  const std::int64_t n = sizes[nd - 1];
+  std::int64_t idx[kMaxDims] = {0};
+  while (true) {
+    run(off, n, inner);
+    int d = nd - 2;
+    for (; d >= 0; --d) {
+      ++idx[d];
+      for (std::size_t o = 0; o < N; ++o) off[o] += st[o][d];
+      if (idx[d] < sizes[d]) break;
+      for (std::size_t o = 0; o < N; ++o) off[o] -= st[o][d] * sizes[d];
+      idx[d] = 0;
+    }
+    if (d < 0) return;
+  }
+}
+
+// ---- BLAS -------------------------------------------------------------------
+
+inline void blas_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k,
+                      float alpha, const float* a, std::int64_t lda, const float* b,
+                      std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
+              static_cast<int>(ldc));
+}
+
+inline void blas_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k,
+                      double alpha, const double* a, std::int64_t lda, const double* b,
+                      std::int64_t ldb, double beta, double* c, std::int64_t ldc) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
+              static_cast<int>(ldc));
+}
+
+// ---- math -------------------------------------------------------------------
+
+// Vectorised exp. libm's exp is an opaque call that GCC does not
+// vectorise, so float goes through an AVX2/FMA polynomial (below) where the
+// compiler targets it, and everything else through Eigen's packet exp.
+template <typename T>
+using ArrayMap = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+template <typename T>
+using ConstArrayMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define MOTLEY_CPU_AVX2 1
+// exp of 8 floats: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and
+// Cephes' degree-6 polynomial p(r) = e^r (about 1 ulp); 2^n is applied by
+// adding n to the exponent field of p (p in [0.707, 1.414], so the sum
+// stays a normal float for every x in range). Below the normal range
+// (x < -87.33, -inf included) the result is 0; above 88.7228 (the float
+// overflow threshold), +inf; NaN propagates.
+inline __m256 exp_avx2(__m256 x) {
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.5f)),
+                                  _mm256_set1_ps(88.8f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_slli_epi32(_mm256_cvtps_epi32(fx), 23);
+  __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), n));
+  y = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.33f), _CMP_LT_OQ), y);
+  // Beyond 128 ln2 the exponent field would reach 255 with p's mantissa
+  // (a NaN pattern): return +inf there.
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY),
+                       _mm256_cmp_ps(x, _mm256_set1_ps(88.7228f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#endif
+
+// y[i] = exp(a * x[i] + b); y may alias x, or be null when only the sum
+// is wanted. Returns the sum of the exps, accumulated in double, when `sum`
+// is true (else 0).
+template <typename T>
+inline double exp_affine(const T* x, T a, T b, T* y, std::int64_t n, bool sum = false) {
+  if (n <= 0) return 0.0;
+#ifdef MOTLEY_CPU_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    // The sum: 8 float lanes over blocks of 32 vectors, each block flushed
+    // into double lanes, so the float part never adds more than 32 terms.
+    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+    std::int64_t i = 0;
+    while (i + 8 <= n) {
+      __m256 block = _mm256_setzero_ps();
+      const std::int64_t block_end = std::min(n - 7, i + 32 * 8);
+      for (; i < block_end; i += 8) {
+        const __m256 e = exp_avx2(_mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), vb));
+        if (y) _mm256_storeu_ps(y + i, e);
+        block = _mm256_add_ps(block, e);
+      }
+      if (sum) {
+        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(block)));
+        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(block, 1)));
+      }
+    }
+    double total = 0.0;
+    if (sum) {
+      alignas(32) double lanes[4];
+      _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+      total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    }
+    for (; i < n; ++i) {
+      const float e = std::exp(a * x[i] + b);
+      if (y) y[i] = e;
+      total += e;
+    }
+    return sum ? total : 0.0;
+  }
+#endif
+  double total = 0.0;
+  for (std::int64_t i0 = 0; i0 < n; i0 += 512) {
+    const std::int64_t c = std::min<std::int64_t>(512, n - i0);
+    T scratch[512];
+    T* out = y ? y + i0 : scratch;
+    ArrayMap<T>(out, c) = (ConstArrayMap<T>(x + i0, c) * a + b).exp();
+    if (sum) {
+      for (std::int64_t i = 0; i < c; ++i) total += static_cast<double>(out[i]);
+    }
+  }
+  return total;
+}
+
+// Largest element of x[0, n), n >= 1 (vectorised; NaN handling unspecified).
+template <typename T>
+inline T max_of(const T* x, std::int64_t n) {
+  return ConstArrayMap<T>(x, n).maxCoeff();
+}
+
+// Elementwise work on long arrays is done in chunks of kChunk elements so
+// that a vectorised exp/sqrt pass and plain arithmetic passes share data
+// in L1.
+constexpr std::int64_t kChunk = 512;
+
+template <typename T>
+inline T sigmoid_t(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+}  // namespace motley::cpu
