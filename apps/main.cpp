@@ -22,6 +22,7 @@ constexpr Subcommand kSubcommands[] = {
     {"eval", "evaluate a checkpoint: loss, perplexity, bits per byte", motley::apps::eval_main},
     {"generate", "sample text from a checkpoint", motley::apps::generate_main},
     {"inspect", "summarise a checkpoint", motley::apps::inspect_main},
+    {"route", "per-token loss and routing of a checkpoint -> HDF5 (analyses)", motley::apps::route_main},
     {"bench", "training-step and MoE-layer throughput of a config", motley::apps::bench_main},
     {"bench-kernels", "GEMM and fused-kernel throughput on this machine",
      motley::apps::bench_kernels_main},

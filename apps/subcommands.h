@@ -22,4 +22,7 @@ int bench_main(int argc, char** argv);
 // writes tokenizer.json, train.h5 and valid.h5 (SPEC sections 4 and 6).
 int prepare_main(int argc, char** argv);
 
+// motley route: per-token CE and routing of a checkpoint to HDF5 (analyses).
+int route_main(int argc, char** argv);
+
 }  // namespace motley::apps

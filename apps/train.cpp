@@ -15,9 +15,13 @@
 // on the 1F1B schedule with backward(loss_j / (dp * m)) (Note [Gradient
 // scaling] in parallel/grad_reducer.h), sums gradients over replicas,
 // and agrees with every other rank on the global norm and on skipping.
-// Rank 0 alone prints, writes metrics.jsonl and checkpoints (gathering
-// every parameter to it). A single process (no MPI launcher, dp = pp = 1)
-// runs the original loop unchanged, without MPI.
+// Rank 0 alone prints and writes metrics.jsonl; checkpoints are written by
+// every rank into one file without gathering (save_checkpoint_sharded), and
+// resumed under any layout by each rank reading the tensors it holds. A
+// single process (no MPI launcher, dp = pp = 1) runs the original loop
+// unchanged, without MPI.
+#include <signal.h>
+
 #include <csignal>
 #include <cmath>
 #include <cstdio>
@@ -44,6 +48,7 @@
 #include "parallel/communicator.h"
 #include "parallel/expert_exchange.h"
 #include "parallel/grad_reducer.h"
+#include "parallel/launcher.h"
 #include "parallel/pipeline_schedule.h"
 #include "parallel/placement.h"
 #include "parallel/process_groups.h"
@@ -61,6 +66,17 @@ extern "C" void on_stop_signal(int signal) {
   // A second Ctrl-C at the terminal ends the process at once (the previous
   // checkpoint stays intact: see Note [Atomic checkpoints]).
   if (signal == SIGINT) std::signal(SIGINT, SIG_DFL);
+}
+
+// Handler that persists after delivery (no SA_RESETHAND) and restarts
+// interrupted system calls, so a signal never aborts file or MPI I/O.
+void install_stop_handler(int signal) {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  MOTLEY_CHECK_KIND(kRuntime, sigaction(signal, &action, nullptr) == 0,
+                    "cannot install the handler for signal ", signal);
 }
 
 constexpr int kExitResumeMe = 75;
@@ -478,26 +494,10 @@ class Trainer {
     }
   }
 
-  // World rank that contributes parameter `name` to a gathered checkpoint:
-  // dp_rank 0 of the stage holding it, or for an expert the rank of the
-  // first EP block owning it (Note [Expert placement]).
+  // World rank that writes parameter `name` to a checkpoint and sends it
+  // to a gathered copy (checkpoint_writer in checkpoint/checkpoint.h).
   int contributor(const std::string& name) const {
-    const ModelConfig& m = config_.model;
-    const par::GroupLayout& layout = groups_->layout();
-    if (name.rfind("embed.", 0) == 0) return layout.rank_of(0, 0);
-    if (name.rfind("final_norm.", 0) == 0 || name.rfind("lm_head.", 0) == 0) {
-      return layout.rank_of(layout.pp - 1, 0);
-    }
-    if (par::is_gru_param(name)) return layout.rank_of(gru_stage_, 0);
-    MOTLEY_CHECK(name.rfind("layers.", 0) == 0, "unexpected parameter ", name);
-    const std::int64_t l = std::stoll(name.substr(7));
-    const int stage = par::stage_of_layer(m.n_layers, layout.pp, l);
-    int dp_rank = 0;
-    if (par::is_expert_param(name) && layout.ep > 1) {
-      const std::size_t at = name.find(".moe.experts.") + 13;
-      dp_rank = owner_[std::stoll(name.substr(at))];
-    }
-    return layout.rank_of(stage, dp_rank);
+    return checkpoint_writer(name, config_.model, groups_->layout(), owner_);
   }
 
   // Gathers every parameter and its AdamW moments into full_model_ /
@@ -657,17 +657,24 @@ class Trainer {
     meta.pp = config_.parallel.pp;
     const std::string path = checkpoint_path(run_dir_, step_);
     if (parallel_) {
-      // Gather to rank 0, which writes the file a single process would
-      // (every parameter as its full global tensor, same names).
-      gather_full();
+      // No gathering: every rank writes the tensors it is the writer of
+      // into one shared file through parallel HDF5 (save_checkpoint_sharded
+      // in checkpoint/checkpoint.h); the file is complete and renamed when
+      // it returns on every rank. LATEST and pruning are rank 0's.
+      if (ckpt_specs_.empty()) {
+        ckpt_specs_ = global_parameter_specs(config_.model);
+        for (const TensorSpec& spec : ckpt_specs_) ckpt_writer_.push_back(contributor(spec.name));
+      }
+      save_checkpoint_sharded(path, model_.params(), optimizer_, meta,
+                              data_.tokenizer ? data_.tokenizer->to_json() : std::string(),
+                              ckpt_specs_, ckpt_writer_, groups_->world());
       if (root_) {
-        save_checkpoint(path, full_model_->params(), full_optim_.get(), meta,
-                        data_.tokenizer ? data_.tokenizer->to_json() : std::string());
         write_latest(run_dir_, fs::path(path).filename().string());
         prune_checkpoints(run_dir_, config_.train.keep_last);
         std::printf("saved checkpoint %s\n", path.c_str());
+        std::fflush(stdout);
       }
-      groups_->world().barrier();
+      groups_->world().barrier();  // LATEST names the new file for every rank
       return;
     }
     save_checkpoint(path, model_.params(), &optimizer_, meta,
@@ -731,7 +738,9 @@ class Trainer {
   AdamW optimizer_;
   std::unique_ptr<par::CommExpertExchange> exchange_;
   std::unique_ptr<par::GradReducer> reducer_;
-  std::unique_ptr<Transformer> full_model_;  // rank 0, gathered (checkpoints, eval)
+  std::vector<TensorSpec> ckpt_specs_;  // every global parameter (sharded saves)
+  std::vector<int> ckpt_writer_;        // world rank writing each of ckpt_specs_
+  std::unique_ptr<Transformer> full_model_;  // rank 0, gathered for evaluation
   std::unique_ptr<AdamW> full_optim_;
   std::int64_t step_ = 0;
   std::int64_t tokens_seen_ = 0;
@@ -770,9 +779,12 @@ int train_rank_main(int argc, char** argv, std::shared_ptr<par::Communicator> wo
     std::printf("config (resolved):\n%s\n", config.resolved_json().dump(2).c_str());
   }
 
-  std::signal(SIGTERM, on_stop_signal);
-  std::signal(SIGUSR1, on_stop_signal);
-  std::signal(SIGINT, on_stop_signal);
+  // SIGTERM / SIGUSR1 stay caught for the whole run, saves included: a
+  // second signal during a save only sets the flag again, so the save
+  // completes (Note [Atomic checkpoints] covers SIGKILL).
+  install_stop_handler(SIGTERM);
+  install_stop_handler(SIGUSR1);
+  install_stop_handler(SIGINT);
 
   par::GroupLayout layout;
   layout.dp = static_cast<int>(config.parallel.dp);
@@ -797,15 +809,9 @@ int train_main(int argc, char** argv) {
   if (!par::launched_by_mpi()) {
     return train_rank_main(argc, argv, std::make_shared<par::LocalCommunicator>());
   }
-  par::mpi_initialize(nullptr, nullptr);
-  std::shared_ptr<par::Communicator> world = par::MpiCommunicator::world();
-  const char* slurm_tasks = std::getenv("SLURM_NTASKS");
-  if (world->size() == 1 && slurm_tasks != nullptr && std::atoi(slurm_tasks) > 1) {
-    par::mpi_finalize();
-    MOTLEY_FAIL(kUsage, "MPI sees 1 rank but SLURM_NTASKS = ", slurm_tasks,
-                ": each task started as a singleton (srun without MPI support). Use "
-                "srun --mpi=pmix (or pmi2), or mpirun inside the allocation.");
-  }
+  // MPI_Init with the launcher cross-checks (Note [Launcher cross-check] in
+  // parallel/launcher.h): a mismatch, e.g. srun without PMIx, is kUsage (exit 2).
+  std::shared_ptr<par::Communicator> world = par::start_mpi_job().world;
   int code = 0;
   try {
     code = train_rank_main(argc, argv, world);

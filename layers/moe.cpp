@@ -172,6 +172,15 @@ MoEResult moe_forward(const MoEConfig& config, const std::vector<std::int64_t>& 
   }
   result.aux_loss = aux;
   result.selection = selection;
+  if (ctx.observer != nullptr) {
+    MoELayerRecord record;
+    record.layer = ctx.layer;
+    record.n_tokens = n_tokens;
+    record.n_experts = n_experts;
+    record.probs = host_probs;
+    record.selection = selection;
+    ctx.observer->records.push_back(std::move(record));
+  }
 
   // ---- statistics ---------------------------------------------------------------
   MoELayerStats& st = result.stats;

@@ -54,6 +54,21 @@ class ExpertExchange {
                        const ExpertFn& expert) = 0;
 };
 
+// Note [MoE observer]
+// Analysis tools (motley route) need each layer's router probabilities and
+// selection per token. When MoEContext::observer is set, moe_forward
+// appends one record per call; it changes nothing else. Null by default.
+struct MoELayerRecord {
+  std::int64_t layer = 0;
+  std::int64_t n_tokens = 0;
+  std::int64_t n_experts = 0;
+  std::vector<double> probs;  // (n_tokens, n_experts) row-major router probabilities
+  Selection selection;        // the experts each token selected (before dropping)
+};
+struct MoEObserver {
+  std::vector<MoELayerRecord> records;  // in call order
+};
+
 struct MoEContext {
   bool training = true;
   std::int64_t step = 0;             // update number (noise stream)
@@ -67,6 +82,8 @@ struct MoEContext {
   const Selection* fixed_selection = nullptr;
   // Expert parallelism (Note [Expert exchange]); null: all experts local.
   ExpertExchange* exchange = nullptr;
+  // Records probabilities and selections (Note [MoE observer]); null: none.
+  MoEObserver* observer = nullptr;
 };
 
 // Routing statistics of one layer for one forward pass (metrics).

@@ -114,6 +114,7 @@ Activations Transformer::run_layers(Activations in, const ForwardContext& ctx,
     mctx.sequence_offset = ctx.sequence_offset;
     mctx.seq_len = t;
     mctx.exchange = ctx.expert_exchange;
+    mctx.observer = ctx.moe_observer;
     MoEResult r = moe_forward(config_.moe, expert_sizes_, layer.moe, has_gru_ ? &gru_ : nullptr,
                               ag::reshape(m, {b * t, d}), state, mctx);
     x = ag::add(x, ag::reshape(r.out, {b, t, d}));

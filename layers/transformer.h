@@ -37,6 +37,8 @@ struct ForwardContext {
   std::int64_t sequence_offset = 0;  // global index of the first sequence
   // Expert parallelism: passed to every MoE layer (Note [Expert exchange]).
   ExpertExchange* expert_exchange = nullptr;
+  // Passed to every MoE layer (Note [MoE observer] in layers/moe.h); null: none.
+  MoEObserver* moe_observer = nullptr;
 };
 
 // What flows between blocks of layers (and between pipeline stages).

@@ -13,6 +13,7 @@ packages=(
   libabsl-dev libgtest-dev libgmock-dev googletest
   nlohmann-json3-dev
   python3 python3-numpy python3-h5py python3-matplotlib
+  slurmctld slurmd slurm-client slurm-wlm-basic-plugins munge
 )
 
 missing=()
