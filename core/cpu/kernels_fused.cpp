@@ -101,7 +101,20 @@ void softmax(const Tensor& x, Tensor& y, bool log) {
     for (std::int64_t r = 0; r < rows; ++r) {
       const T* xr = px + r * n;  // (n)
       T* yr = py + r * n;        // (n)
-      const T m = max_of(xr, n);
+      T m;
+      if (row_max(xr, n, &m)) {  // Note [Shifted exp]
+        const double s = exp_shifted(xr, m, T(1), log ? static_cast<T*>(nullptr) : yr, n,
+                                     /*sum=*/true, r + 1 < rows ? xr + n : nullptr);
+        if (log) {
+          const T lse = static_cast<T>(static_cast<double>(m) + std::log(s));
+          for (std::int64_t j = 0; j < n; ++j) yr[j] = xr[j] - lse;
+        } else {
+          const T inv = static_cast<T>(1.0 / s);
+          for (std::int64_t j = 0; j < n; ++j) yr[j] *= inv;
+        }
+        continue;
+      }
+      // A NaN or infinite maximum: the general exp propagates it.
       const double s = exp_affine(xr, T(1), -m, yr, n, /*sum=*/true);
       if (log) {
         const T lse = static_cast<T>(static_cast<double>(m) + std::log(s));
@@ -167,8 +180,11 @@ void cross_entropy(const Tensor& logits, const Tensor& targets, std::int64_t ign
       for (std::int64_t r = 0; r < rows; ++r) checked_target(pt, r, v, ignore_index);
       for (std::int64_t r = 0; r < rows; ++r) {
         const T* xr = px + r * v;
-        const T m = max_of(xr, v);
-        const double s = exp_affine(xr, T(1), -m, static_cast<T*>(nullptr), v, /*sum=*/true);
+        T m;
+        const double s = row_max(xr, v, &m)  // Note [Shifted exp]
+                             ? exp_shifted(xr, m, T(1), static_cast<T*>(nullptr), v, true,
+                                           r + 1 < rows ? xr + v : nullptr)
+                             : exp_affine(xr, T(1), -m, static_cast<T*>(nullptr), v, true);
         const double l = static_cast<double>(m) + std::log(s);
         plse[r] = static_cast<T>(l);
         const std::int64_t t = static_cast<std::int64_t>(pt[r]);
@@ -211,8 +227,13 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets,
           continue;
         }
         const T l = plse[r], g = pdl[r];
-        exp_affine(xr, T(1), -l, dr, v);  // softmax(logits row)
-        for (std::int64_t j = 0; j < v; ++j) dr[j] *= g;
+        if (std::isfinite(l)) {
+          // g * softmax(logits row); x - lse <= 0 up to rounding (Note [Shifted exp]).
+          exp_shifted(xr, l, g, dr, v, /*sum=*/false, r + 1 < rows ? xr + v : nullptr);
+        } else {  // the forward saw a NaN or infinity: propagate it
+          exp_affine(xr, T(1), -l, dr, v);
+          for (std::int64_t j = 0; j < v; ++j) dr[j] *= g;
+        }
         dr[t] -= g;
       }
     });
@@ -236,8 +257,8 @@ void rmsnorm(const Tensor& x, const Tensor& g, double eps, Tensor& y, Tensor& rs
     T* py = mdata<T>(y);
     T* pr = mdata<T>(rstd);
     for (std::int64_t r = 0; r < rows; ++r) {
-      const T* xr = px + r * d;
-      T* yr = py + r * d;
+      const T* __restrict xr = px + r * d;
+      T* __restrict yr = py + r * d;
       const double ms = dot_row(xr, xr, d) / static_cast<double>(d);
       const T rs = static_cast<T>(1.0 / std::sqrt(ms + eps));
       pr[r] = rs;
@@ -270,18 +291,80 @@ void rmsnorm_backward(const Tensor& x, const Tensor& g, const Tensor& rstd, cons
     // y_j = x_j r g_j with r = (mean(x^2) + eps)^-1/2, so
     //   dx_j = r g_j dy_j - x_j r^3 / d * sum_k dy_k g_k x_k
     //   dg_j = sum over rows of dy_j x_j r.
-    std::vector<double> dg_acc(d, 0.0);  // (d) rows summed in order
+    // dg: blocks of kRowBlock rows summed in T, each block added into
+    // double, so that no T partial sum has more than kRowBlock terms (the
+    // blocking of lane_sum, across rows) without a conversion per element.
+    constexpr std::int64_t kRowBlock = 64;
+    std::vector<double> dg_acc(d, 0.0);  // (d) blocks summed in order
+    std::vector<T> dg_block(d, T(0));    // (d) rows of the current block
     std::vector<T> gx(d);                // (d) g * x of one row
     for (std::int64_t row = 0; row < rows; ++row) {
-      const T* xr = px + row * d;
-      const T* gr = pdy + row * d;
-      T* dr = pdx + row * d;
+      const T* __restrict xr = px + row * d;
+      const T* __restrict gr = pdy + row * d;
+      T* __restrict dr = pdx + row * d;
+      T* __restrict gxr = gx.data();
+      T* __restrict dgb = dg_block.data();
       const T rs = pr[row];
-      for (std::int64_t j = 0; j < d; ++j) gx[j] = pg[j] * xr[j];
-      const double dot = dot_row(gr, gx.data(), d);
-      const T c = static_cast<T>(static_cast<double>(rs) * rs * rs * dot / static_cast<double>(d));
-      for (std::int64_t j = 0; j < d; ++j) dr[j] = rs * pg[j] * gr[j] - c * xr[j];
-      for (std::int64_t j = 0; j < d; ++j) dg_acc[j] += static_cast<double>(gr[j] * xr[j] * rs);
+      std::int64_t j0 = 0;  // first element left to the generic loops
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        // Both passes in 16-float vectors: the dot product (64 lanes,
+        // flushed into double, as dot_row), then dx and this block's dg.
+        // Rows shorter than a multiple of 16 leave a tail to the loops below.
+        j0 = d - d % 16;
+        double dot = 0.0;
+        for (std::int64_t b = 0; b < j0; b += 1024) {
+          __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+          const std::int64_t e = std::min(j0, b + 1024);
+          std::int64_t j = b;
+          for (; j + 32 <= e; j += 32) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(gr + j),
+                                 _mm512_mul_ps(_mm512_loadu_ps(pg + j), _mm512_loadu_ps(xr + j)), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(gr + j + 16),
+                                 _mm512_mul_ps(_mm512_loadu_ps(pg + j + 16),
+                                               _mm512_loadu_ps(xr + j + 16)), a1);
+          }
+          for (; j < e; j += 16) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(gr + j),
+                                 _mm512_mul_ps(_mm512_loadu_ps(pg + j), _mm512_loadu_ps(xr + j)), a0);
+          }
+          const __m512 a = _mm512_add_ps(a0, a1);
+          dot += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)),
+                                                    _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1))));
+        }
+        for (std::int64_t j = j0; j < d; ++j) dot += static_cast<double>(gr[j] * (pg[j] * xr[j]));
+        const float c = static_cast<float>(static_cast<double>(rs) * rs * rs * dot /
+                                           static_cast<double>(d));
+        const __m512 vrs = _mm512_set1_ps(rs), vc = _mm512_set1_ps(c);
+        for (std::int64_t j = 0; j < j0; j += 16) {
+          const __m512 x = _mm512_loadu_ps(xr + j), gy = _mm512_loadu_ps(gr + j);
+          const __m512 gyr = _mm512_mul_ps(gy, vrs);
+          // dx = rs g dy - c x;  dg += dy x rs
+          _mm512_storeu_ps(dr + j, _mm512_fnmadd_ps(vc, x, _mm512_mul_ps(gyr, _mm512_loadu_ps(pg + j))));
+          _mm512_storeu_ps(dgb + j, _mm512_fmadd_ps(gyr, x, _mm512_loadu_ps(dgb + j)));
+        }
+        for (std::int64_t j = j0; j < d; ++j) {
+          dr[j] = rs * pg[j] * gr[j] - c * xr[j];
+          dgb[j] += gr[j] * xr[j] * rs;
+        }
+        j0 = d;
+      }
+#endif
+      if (j0 < d) {
+        for (std::int64_t j = 0; j < d; ++j) gxr[j] = pg[j] * xr[j];
+        const double dot = dot_row(gr, gxr, d);
+        const T c = static_cast<T>(static_cast<double>(rs) * rs * rs * dot / static_cast<double>(d));
+        for (std::int64_t j = 0; j < d; ++j) {
+          dr[j] = rs * pg[j] * gr[j] - c * xr[j];
+          dgb[j] += gr[j] * xr[j] * rs;
+        }
+      }
+      if ((row + 1) % kRowBlock == 0 || row + 1 == rows) {
+        for (std::int64_t j = 0; j < d; ++j) {
+          dg_acc[j] += static_cast<double>(dgb[j]);
+          dgb[j] = T(0);
+        }
+      }
     }
     for (std::int64_t j = 0; j < d; ++j) pdg[j] += static_cast<T>(dg_acc[j]);
   });
@@ -363,22 +446,35 @@ void rope(const Tensor& x, double theta, std::int64_t pos_offset, bool inverse, 
     const RopeTable<T>& table = rope_table<T>(theta, hd, pos_offset, t_len);
     const std::vector<T>& cos_t = table.cos;  // (T, hd/2)
     const std::vector<T>& sin_t = table.sin;  // (T, hd/2)
-    // The inverse rotation is the rotation by -angle: sin negated.
-    const T sign = inverse ? T(-1) : T(1);
     const T* px = cdata<T>(x);
     T* py = mdata<T>(y);
-    for (std::int64_t h = 0; h < bh; ++h) {
-      for (std::int64_t t = 0; t < t_len; ++t) {
-        const T* __restrict xr = px + (h * t_len + t) * hd;
-        T* __restrict yr = py + (h * t_len + t) * hd;
-        const T* __restrict c = cos_t.data() + t * half;
-        const T* __restrict s = sin_t.data() + t * half;
-        for (std::int64_t i = 0; i < half; ++i) {
-          const T x0 = xr[i], x1 = xr[i + half], si = sign * s[i];
-          yr[i] = x0 * c[i] - x1 * si;
-          yr[i + half] = x1 * c[i] + x0 * si;
+    // The inverse rotation is the rotation by -angle: sin negated (two
+    // loops rather than a multiply by the sign in the inner loop).
+    auto rotate = [&](auto inverse_tag) {
+      constexpr bool kInverse = decltype(inverse_tag)::value;
+      for (std::int64_t h = 0; h < bh; ++h) {
+        for (std::int64_t t = 0; t < t_len; ++t) {
+          const T* __restrict xr = px + (h * t_len + t) * hd;
+          T* __restrict yr = py + (h * t_len + t) * hd;
+          const T* __restrict c = cos_t.data() + t * half;
+          const T* __restrict s = sin_t.data() + t * half;
+          for (std::int64_t i = 0; i < half; ++i) {
+            const T x0 = xr[i], x1 = xr[i + half];
+            if constexpr (kInverse) {
+              yr[i] = x0 * c[i] + x1 * s[i];
+              yr[i + half] = x1 * c[i] - x0 * s[i];
+            } else {
+              yr[i] = x0 * c[i] - x1 * s[i];
+              yr[i + half] = x1 * c[i] + x0 * s[i];
+            }
+          }
         }
       }
+    };
+    if (inverse) {
+      rotate(std::true_type{});
+    } else {
+      rotate(std::false_type{});
     }
   });
 }
@@ -401,10 +497,23 @@ void index_select_rows(const Tensor& src, const Tensor& index, Tensor& out) {
   dispatch_index("index_select_rows", index.dtype(), [&](auto itag) {
     using I = decltype(itag);
     const I* pi = cdata<I>(index);
+    // Rows are gathered in index order; the source row kAhead positions on
+    // is prefetched (up to 4 KiB of it), since a gather defeats the
+    // hardware prefetcher.
+    constexpr std::int64_t kAhead = 4;
+    const std::size_t prefetch_bytes = std::min<std::size_t>(row_bytes, 4096);
     for (std::int64_t i = 0; i < n; ++i) {
       const std::int64_t r = static_cast<std::int64_t>(pi[i]);
       MOTLEY_CHECK_KIND(kShape, r >= 0 && r < rows, "index_select_rows: index ", r,
                         " at position ", i, " outside [0, ", rows, ")");
+      if (i + kAhead < n) {
+        const std::int64_t ahead = static_cast<std::int64_t>(pi[i + kAhead]);
+        if (ahead >= 0 && ahead < rows) {
+          for (std::size_t b = 0; b < prefetch_bytes; b += 64) {
+            __builtin_prefetch(ps + ahead * row_bytes + b);
+          }
+        }
+      }
       if (row_bytes) std::memcpy(po + i * row_bytes, ps + r * row_bytes, row_bytes);
     }
   });

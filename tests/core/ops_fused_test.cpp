@@ -186,6 +186,69 @@ TYPED_TEST(Fused, CrossEntropyForwardBackwardAndIgnore) {
   expect_close(values(loss32), want_loss, TestFixture::tol(), "cross_entropy i32 targets");
 }
 
+// Long f32 rows exercise the vectorised shifted exp (Note [Shifted exp] in
+// core/cpu/cpu_common.h): full vectors, the masked or scalar tail, and
+// arguments from 0 down past the float underflow (-120), against double.
+TEST(FusedF32, SoftmaxAndCrossEntropyLongRowsMatchDouble) {
+  const std::int64_t rows = 5, n = 1037;  // 1037 = 64 * 16 + 13
+  const Tensor x = random_tensor<float>({rows, n}, 11, -120.0, 8.0);
+  const auto xv = values(x);
+  const Tensor targets = Tensor::from_vector<std::int64_t>({0, 5, 1036, 17, 1000}, {rows});
+  const auto sm = values(ops::softmax(x));
+  const auto lsm = values(ops::log_softmax(x));
+  auto [loss, lse] = ops::cross_entropy(x, targets);
+  const auto lv = values(lse);
+  const Tensor dloss = Tensor::from_vector<float>({1.0f, -0.5f, 2.0f, 0.25f, 3.0f}, {rows});
+  const auto dx = values(ops::cross_entropy_backward(x, targets, -100, lse, dloss));
+  const std::vector<double> dl = {1.0, -0.5, 2.0, 0.25, 3.0};
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double m = -1e300, s = 0;
+    for (std::int64_t j = 0; j < n; ++j) m = std::max(m, xv[r * n + j]);
+    for (std::int64_t j = 0; j < n; ++j) s += std::exp(xv[r * n + j] - m);
+    const double want_lse = m + std::log(s);
+    EXPECT_NEAR(lv[r], want_lse, 2e-6 * std::abs(want_lse)) << "lse row " << r;
+    for (std::int64_t j = 0; j < n; ++j) {
+      const std::int64_t i = r * n + j;
+      const double p = std::exp(xv[i] - want_lse);
+      // Where the probability is a normal float: relative 1e-6 plus the
+      // rounding of the f32 argument x - lse (half an ulp of |x - lse|,
+      // which exp turns into that relative error); below the smallest
+      // normal float, absolute (exactly 0 is allowed there).
+      const double tol =
+          p > 1e-37 ? p * (1e-6 + 6e-8 * std::abs(xv[i] - want_lse)) : p + 1.2e-38;
+      ASSERT_NEAR(sm[i], p, tol) << "softmax row " << r << " col " << j << " x " << xv[i];
+      ASSERT_NEAR(lsm[i], xv[i] - want_lse, 2e-6 * (1 + std::abs(xv[i] - want_lse)));
+      const double want_dx = dl[r] * (p - (j == values(targets)[r] ? 1.0 : 0.0));
+      ASSERT_NEAR(dx[i], want_dx, std::abs(dl[r]) * tol + 1e-7 * std::abs(want_dx))
+          << "cross_entropy backward row " << r << " col " << j;
+    }
+  }
+}
+
+// Non-finite logits take the general path and propagate: a NaN makes its
+// row NaN, -inf entries get probability 0, an all -inf or +inf row is NaN.
+TEST(FusedF32, SoftmaxNonFiniteRows) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> v(4 * 40, 0.5f);
+  v[0 * 40 + 33] = nan;
+  v[1 * 40 + 7] = -inf;
+  for (int j = 0; j < 40; ++j) v[2 * 40 + j] = -inf;
+  v[3 * 40 + 39] = inf;
+  const auto sm = values(ops::softmax(Tensor::from_vector(v, {4, 40})));
+  for (int j = 0; j < 40; ++j) {
+    EXPECT_TRUE(std::isnan(sm[0 * 40 + j])) << j;
+    EXPECT_TRUE(std::isnan(sm[2 * 40 + j])) << j;
+    EXPECT_TRUE(std::isnan(sm[3 * 40 + j])) << j;
+    EXPECT_NEAR(sm[1 * 40 + j], j == 7 ? 0.0 : 1.0 / 39.0, 1e-7) << j;
+  }
+  auto [loss, lse] = ops::cross_entropy(Tensor::from_vector(v, {4, 40}),
+                                        Tensor::from_vector<std::int64_t>({1, 1, 1, 1}, {4}));
+  const auto lv = values(loss);
+  EXPECT_TRUE(std::isnan(lv[0]));
+  EXPECT_NEAR(lv[1], std::log(39.0), 1e-6);
+}
+
 TEST(FusedGrad, CrossEntropyBackwardFiniteDifferencesF64) {
   const Tensor logits = random_tensor<double>({3, 9}, 8);
   const Tensor targets = Tensor::from_vector<std::int64_t>({2, 8, 0}, {3});
