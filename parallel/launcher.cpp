@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/check.h"
+#include "core/cpu/cpu_backend.h"
 
 namespace motley::parallel {
 
@@ -158,13 +159,19 @@ MpiJob start_mpi_job() {
                 " rank(s) (details above, Note [Launcher cross-check] in parallel/launcher.h)",
                 problems.empty() ? "" : ": ", absl::StrJoin(problems, "; "));
   }
+  // Note [BLAS threads] (core/cpu/cpu_backend.cpp): ranks sharing a node
+  // share its cores.
+  const int threads = default_blas_threads(f.local_size);
+  if (threads > 0) set_blas_threads(threads);
   if (f.rank == 0) {
-    std::printf("launch: %s, %d ranks on %d node(s), %d per node; device %s\n",
+    std::printf("launch: %s, %d ranks on %d node(s), %d per node; device %s; %d BLAS thread(s) "
+                "per rank%s\n",
                 job.info.launcher.c_str(), f.size, f.nodes, f.local_size,
                 job.info.visible_devices > 0
                     ? absl::StrCat("local rank % ", job.info.visible_devices, " (CUDA_VISIBLE_DEVICES)")
                           .c_str()
-                    : "cpu");
+                    : "cpu",
+                blas_threads(), threads > 0 ? "" : " (from OPENBLAS_NUM_THREADS/OMP_NUM_THREADS)");
     std::fflush(stdout);
   }
   return job;

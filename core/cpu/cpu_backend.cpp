@@ -5,6 +5,17 @@
 // several MPI ranks per node and the target machines have few cores per
 // rank, so the only threads are OpenBLAS's (its own pool, sized by
 // OPENBLAS_NUM_THREADS or `motley bench-kernels --threads`).
+//
+// Note [BLAS threads]
+// OpenBLAS starts one GEMM thread per hardware thread by default, and its
+// idle threads spin and sched_yield. With several ranks on a node that is
+// ranks x cores threads on cores cores: measured on 2 cores with other
+// processes running, a bench-config training step took 15.9 s with the
+// default 2 threads against 2.1 s with 1 (perf: 20 % of cycles in
+// sched_yield). So under an MPI launcher each rank gets
+// max(1, cores / ranks on the node) BLAS threads unless
+// OPENBLAS_NUM_THREADS or OMP_NUM_THREADS says otherwise
+// (parallel/launcher.cpp); a single process keeps OpenBLAS's default.
 #include "core/cpu/cpu_backend.h"
 
 #include <algorithm>
@@ -13,12 +24,30 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "core/cpu/cpu_common.h"
 #include "core/cpu/cpu_kernels.h"
 
 namespace motley {
+
+int blas_threads() { return openblas_get_num_threads(); }
+
+void set_blas_threads(int n) {
+  MOTLEY_CHECK_KIND(kUsage, n >= 1, "BLAS threads must be >= 1, got ", n);
+  openblas_set_num_threads(n);
+}
+
+int default_blas_threads(int ranks_per_node) {
+  for (const char* var : {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"}) {
+    const char* v = std::getenv(var);
+    if (v != nullptr && *v != '\0') return 0;
+  }
+  const unsigned hw = std::thread::hardware_concurrency();
+  return std::max(1, static_cast<int>(hw == 0 ? 1 : hw) / std::max(1, ranks_per_node));
+}
+
 namespace {
 
 using cpu::cdata;
