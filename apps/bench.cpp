@@ -11,6 +11,7 @@
 #include "apps/subcommands.h"
 #include "apps/train_support.h"
 #include "autograd/ops.h"
+#include "core/ops.h"
 #include "core/philox.h"
 #include "layers/expert_sizes.h"
 #include "layers/optimizer.h"
@@ -37,9 +38,17 @@ Tensor random_tokens(std::int64_t b, std::int64_t t, std::int64_t vocab, std::ui
 }
 
 struct MoEBench {
-  double seconds = 0;  // median forward + backward
-  double flops = 0;    // model FLOPs of one forward + backward
+  double seconds = 0;     // median forward + backward
+  double flops = 0;       // model FLOPs of one forward + backward
+  double sgemm_rate = 0;  // FLOP/s of a 1024^3 sgemm timed between the repetitions (median)
 };
+
+// Seconds of one 1024^3 sgemm through the backend.
+double time_sgemm(const Tensor& a, const Tensor& b) {
+  const auto t0 = Clock::now();
+  Tensor c = ops::matmul(a, b);
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 // One MoE layer, forward and backward, on `tokens` rows of width d.
 MoEBench bench_moe_layer(const ModelConfig& model, const std::string& sizes_scheme,
@@ -59,9 +68,17 @@ MoEBench bench_moe_layer(const ModelConfig& model, const std::string& sizes_sche
   }
   Tensor x = Tensor::empty({tokens, d});
   fill_normal(x, philox_key(2, "bench/x"), 0.0, 1.0);
-  std::vector<double> times;
+  // The sgemm baseline alternates with the layer, so that other load on
+  // the machine affects both alike (the ratio is the figure to quote).
+  const std::int64_t n = 1024;
+  Tensor ga = Tensor::empty({n, n}), gb = Tensor::empty({n, n});
+  fill_uniform(ga, philox_key(0, "bench/sgemm-a"), -1, 1);
+  fill_uniform(gb, philox_key(0, "bench/sgemm-b"), -1, 1);
+  std::vector<double> times, sgemm_times;
   MoEBench r;
   for (int rep = 0; rep < reps + 1; ++rep) {
+    const double sg = time_sgemm(ga, gb);
+    if (rep > 0) sgemm_times.push_back(sg);
     params.zero_grad();
     ag::Variable input(x, true);
     const auto t0 = Clock::now();
@@ -76,6 +93,7 @@ MoEBench bench_moe_layer(const ModelConfig& model, const std::string& sizes_sche
     r.flops = 3.0 * row_flops;  // forward + backward (twice the forward)
   }
   r.seconds = median(times);
+  r.sgemm_rate = 2.0 * n * n * n / median(sgemm_times);
   return r;
 }
 
@@ -90,11 +108,17 @@ int bench_main(int argc, char** argv) {
   cli.flag("steps", "N", "training steps to time (after one warm-up step)", std::string("5"));
   cli.flag("moe-tokens", "N", "rows for the MoE layer benchmark (0 skips it)",
            std::string("4096"));
+  cli.flag("moe-reps", "N",
+           "timed repetitions of the MoE layer per size scheme, each next to a 1024^3 sgemm "
+           "(medians are reported)",
+           std::string("7"));
   if (!cli.parse(argc, argv)) return 0;
   const Config config = Config::load(cli.get("config"), cli.all("set"));
   const std::int64_t steps = cli.get_int("steps");
   const std::int64_t moe_tokens = cli.get_int("moe-tokens");
+  const int reps = static_cast<int>(cli.get_int("moe-reps"));
   MOTLEY_CHECK_KIND(kUsage, steps >= 1, "--steps must be >= 1");
+  MOTLEY_CHECK_KIND(kUsage, reps >= 1, "--moe-reps must be >= 1");
   const double peak = measured_peak_flops();
   std::printf("sgemm (1024^3 through motley's CPU backend): %.1f GFLOP/s\n", peak / 1e9);
 
@@ -106,16 +130,18 @@ int bench_main(int argc, char** argv) {
                 config.model.moe.selection == "topk"
                     ? ("top-" + std::to_string(config.model.moe.top_k)).c_str()
                     : "top-p");
-    std::printf("  %-11s %10s %12s %10s %s\n", "sizes", "ms", "GFLOP/s", "of sgemm", "expert sizes");
+    std::printf("  %-11s %10s %12s %12s %10s %s\n", "sizes", "ms", "GFLOP/s", "sgemm GF/s",
+                "of sgemm", "expert sizes");
     double uniform_s = 0;
     for (const char* scheme : {"uniform", "modse", "arithmetic"}) {
       MoEConfig moe = config.model.moe;
       moe.expert_sizes = scheme;
       if (std::string(scheme) == "modse" && moe.n_experts % 2 != 0) continue;
-      const MoEBench b = bench_moe_layer(config.model, scheme, moe_tokens, 5);
+      const MoEBench b = bench_moe_layer(config.model, scheme, moe_tokens, reps);
       if (std::string(scheme) == "uniform") uniform_s = b.seconds;
-      std::printf("  %-11s %10.2f %12.1f %9.0f%% %s\n", scheme, b.seconds * 1e3,
-                  b.flops / b.seconds / 1e9, 100.0 * b.flops / b.seconds / peak,
+      std::printf("  %-11s %10.2f %12.1f %12.1f %9.0f%% %s\n", scheme, b.seconds * 1e3,
+                  b.flops / b.seconds / 1e9, b.sgemm_rate / 1e9,
+                  100.0 * b.flops / b.seconds / b.sgemm_rate,
                   absl::StrJoin(expert_hidden_sizes(moe), " ").c_str());
       if (uniform_s > 0 && std::string(scheme) != "uniform") {
         std::printf("  %-11s time relative to uniform: %.2f\n", "", b.seconds / uniform_s);

@@ -528,6 +528,111 @@ Variable swiglu(const Variable& a, const Variable& b) {
                    });
 }
 
+// Note [Grouped experts]
+// One graph node for all experts of a MoE layer. Forward, per expert with
+// rows: a = x_e w1^T, b = x_e w3^T, s = silu(a) b, and y_e = s w2^T written
+// straight into its rows of y. Saved: x, the weights, and a, b, s per
+// expert (what the per-expert ops would save). Backward, per expert, with
+// g_e the rows of the incoming gradient:
+//   ds = g_e w2,  dw2 = g_e^T s,  (da, db) = swiglu_backward(a, b, ds),
+//   dw1 = da^T x_e,  dw3 = db^T x_e,  dx_e = da w1 + db w3,
+// dx_e written into its rows of dx (every row belongs to one expert, so
+// dx needs no zero fill and no sum over experts). The per-expert
+// composition instead gives x's gradient as a sum over experts of
+// full-size (R, d) tensors that are zero outside one block, and
+// concatenates the outputs: 2 E extra passes over (R, d) memory.
+Variable grouped_swiglu_ffn(const Variable& x, const std::vector<std::int64_t>& counts,
+                            const std::vector<Variable>& w1, const std::vector<Variable>& w3,
+                            const std::vector<Variable>& w2) {
+  const std::size_t n_experts = counts.size();
+  MOTLEY_CHECK_KIND(kShape, x.dim() == 2, "grouped_swiglu_ffn: x ", shape_str(x.shape()),
+                    " must be (rows, d)");
+  MOTLEY_CHECK_KIND(kShape, w1.size() == n_experts && w3.size() == n_experts &&
+                                w2.size() == n_experts,
+                    "grouped_swiglu_ffn: ", n_experts, " counts but ", w1.size(), "/",
+                    w3.size(), "/", w2.size(), " w1/w3/w2 weights");
+  const std::int64_t rows = x.size(0), d = x.size(1);
+  std::int64_t total = 0;
+  std::vector<Variable> inputs = {x};
+  for (std::size_t e = 0; e < n_experts; ++e) {
+    MOTLEY_CHECK_KIND(kShape, counts[e] >= 0, "grouped_swiglu_ffn: expert ", e, " has ",
+                      counts[e], " rows");
+    total += counts[e];
+    if (counts[e] == 0) continue;
+    const std::int64_t h = w1[e].dim() == 2 ? w1[e].size(0) : -1;
+    MOTLEY_CHECK_KIND(kShape,
+                      h > 0 && w1[e].shape() == Shape({h, d}) && w3[e].shape() == Shape({h, d}) &&
+                          w2[e].shape() == Shape({d, h}),
+                      "grouped_swiglu_ffn: expert ", e, " weights w1 ", shape_str(w1[e].shape()),
+                      ", w3 ", shape_str(w3[e].shape()), ", w2 ", shape_str(w2[e].shape()),
+                      " do not fit x ", shape_str(x.shape()), " (need (h, d), (h, d), (d, h))");
+    check_same_float("grouped_swiglu_ffn", x, w1[e]);
+    check_same_float("grouped_swiglu_ffn", x, w3[e]);
+    check_same_float("grouped_swiglu_ffn", x, w2[e]);
+  }
+  MOTLEY_CHECK_KIND(kShape, total == rows, "grouped_swiglu_ffn: counts sum to ", total,
+                    " but x has ", rows, " rows");
+  for (std::size_t e = 0; e < n_experts; ++e) inputs.push_back(w1[e]);
+  for (std::size_t e = 0; e < n_experts; ++e) inputs.push_back(w3[e]);
+  for (std::size_t e = 0; e < n_experts; ++e) inputs.push_back(w2[e]);
+
+  struct Saved {
+    Tensor w1, w3, w2, a, b, s;
+  };
+  const Tensor xd = x.data().contiguous();
+  Tensor y = Tensor::empty({rows, d}, x.dtype(), x.device());
+  std::vector<Saved> saved(n_experts);
+  std::int64_t offset = 0;
+  for (std::size_t e = 0; e < n_experts; ++e) {
+    const std::int64_t n = counts[e];
+    if (n == 0) continue;
+    Saved& sv = saved[e];
+    const Tensor xe = xd.narrow(0, offset, n);
+    sv.w1 = w1[e].data();
+    sv.w3 = w3[e].data();
+    sv.w2 = w2[e].data();
+    sv.a = ops::linear(xe, sv.w1);
+    sv.b = ops::linear(xe, sv.w3);
+    sv.s = ops::swiglu(sv.a, sv.b);
+    Tensor ye = y.narrow(0, offset, n);
+    ye.fill_(0.0);
+    ops::gemm_accumulate(sv.s, /*trans_a=*/false, sv.w2, /*trans_b=*/true, 1.0, ye);
+    offset += n;
+  }
+  const bool nx = needs(x);
+  return record_op(
+      "grouped_swiglu_ffn", std::move(y), inputs,
+      [nx, counts, xd, saved = std::move(saved)](const Tensor& g) -> TensorList {
+        const std::size_t ne = counts.size();
+        const Tensor gc = g.contiguous();
+        TensorList grads(1 + 3 * ne);
+        Tensor dx;
+        if (nx) dx = Tensor::empty(xd.shape(), xd.dtype(), xd.device());
+        std::int64_t offset = 0;
+        for (std::size_t e = 0; e < ne; ++e) {
+          const std::int64_t n = counts[e];
+          if (n == 0) continue;
+          const Saved& sv = saved[e];
+          const Tensor ge = gc.narrow(0, offset, n);  // (n, d)
+          const Tensor xe = xd.narrow(0, offset, n);  // (n, d)
+          const Tensor ds = ops::matmul(ge, sv.w2);   // (n, h)
+          grads[1 + 2 * ne + e] = weight_grad(ge, sv.s, ge.size(1), sv.s.size(1));  // (d, h)
+          auto [da, db] = ops::swiglu_backward(sv.a, sv.b, ds);
+          grads[1 + e] = weight_grad(da, xe, da.size(1), xe.size(1));       // (h, d)
+          grads[1 + ne + e] = weight_grad(db, xe, db.size(1), xe.size(1));  // (h, d)
+          if (nx) {
+            Tensor dxe = dx.narrow(0, offset, n);
+            dxe.fill_(0.0);
+            ops::gemm_accumulate(da, false, sv.w1, false, 1.0, dxe);
+            ops::gemm_accumulate(db, false, sv.w3, false, 1.0, dxe);
+          }
+          offset += n;
+        }
+        grads[0] = dx;
+        return grads;
+      });
+}
+
 Variable rope(const Variable& x, double theta, std::int64_t pos_offset) {
   MOTLEY_CHECK_KIND(kShape, x.dim() == 4 && x.size(-1) % 2 == 0, "rope: input ",
                     shape_str(x.shape()), " is not (B, H, T, hd) with even hd");

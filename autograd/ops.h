@@ -110,6 +110,18 @@ Variable cross_entropy_rows(const Variable& logits, const Tensor& targets,
 Variable rmsnorm(const Variable& x, const Variable& g, double eps);
 // silu(a) * b, a and b the same shape.
 Variable swiglu(const Variable& a, const Variable& b);
+// MoE experts as one op (Note [Grouped experts] in ops.cpp): rows
+// [o_e, o_e + counts[e]) of x (R, d), o_e = counts[0] + ... + counts[e-1],
+// go through expert e's SwiGLU FFN,
+//   y_e = (silu(x_e w1[e]^T) * (x_e w3[e]^T)) w2[e]^T,
+// with w1[e], w3[e] (h_e, d) and w2[e] (d, h_e), hidden sizes h_e free per
+// expert (no padding). Returns y (R, d). sum(counts) must be R; an expert
+// with no rows is skipped and its weights get no gradient. Equals
+// cat_e(linear(swiglu(linear(x_e, w1), linear(x_e, w3)), w2)) without the
+// per-expert views, concatenation and full-size gradient buffers.
+Variable grouped_swiglu_ffn(const Variable& x, const std::vector<std::int64_t>& counts,
+                            const std::vector<Variable>& w1, const std::vector<Variable>& w3,
+                            const std::vector<Variable>& w2);
 // x (B, H, T, hd), hd even: rotate-half RoPE at positions pos_offset + t
 // (SPEC section 1).
 Variable rope(const Variable& x, double theta, std::int64_t pos_offset = 0);

@@ -127,15 +127,17 @@ MoEResult moe_forward(const MoEConfig& config, const std::vector<std::int64_t>& 
         return swiglu_ffn(w.experts[e], rows_e);
       });
     } else {
-      std::vector<Variable> outputs;
+      // Every expert once on its block of rows, as one op (Note [Grouped
+      // experts] in autograd/ops.cpp).
+      std::vector<Variable> w1, w3, w2;
       for (std::int64_t e = 0; e < n_experts; ++e) {
-        if (plan.counts[e] == 0) continue;
-        MOTLEY_CHECK(w.experts[e].w1.defined(), "expert ", e, " of layer ", ctx.layer,
-                     " is not held by this process");
-        outputs.push_back(
-            swiglu_ffn(w.experts[e], ag::narrow(x, 0, plan.offsets[e], plan.counts[e])));
+        MOTLEY_CHECK(plan.counts[e] == 0 || w.experts[e].w1.defined(), "expert ", e,
+                     " of layer ", ctx.layer, " is not held by this process");
+        w1.push_back(w.experts[e].w1);
+        w3.push_back(w.experts[e].w3);
+        w2.push_back(w.experts[e].w2);
       }
-      y = outputs.size() == 1 ? outputs[0] : ag::cat(outputs, 0);
+      y = ag::grouped_swiglu_ffn(x, plan.counts, w1, w3, w2);
     }
     result.out = ag::index_add_rows(y, row_token, row_gate, n_tokens);    // (N, d)
   }

@@ -455,5 +455,83 @@ TEST(AutogradOpsGrad, GruCellComposition) {
                          randn({6, 2}, 154, 0, 0.5)});
 }
 
+
+// ---- grouped experts (Note [Grouped experts]) ----------------------------------------------
+
+
+// Three experts of hidden sizes 3, 5 and 2 on d = 4; the middle one gets no
+// rows in the second case.
+Variable grouped_of(const V& in, const std::vector<std::int64_t>& counts) {
+  return grouped_swiglu_ffn(in[0], counts, {in[1], in[4], in[7]}, {in[2], in[5], in[8]},
+                            {in[3], in[6], in[9]});
+}
+
+std::vector<Tensor> grouped_inputs(std::int64_t rows) {
+  std::vector<Tensor> t = {randn({rows, 4}, 501)};
+  const std::int64_t hs[3] = {3, 5, 2};
+  for (int e = 0; e < 3; ++e) {
+    t.push_back(randn({hs[e], 4}, 510 + e, 0.0, 0.5));
+    t.push_back(randn({hs[e], 4}, 520 + e, 0.0, 0.5));
+    t.push_back(randn({4, hs[e]}, 530 + e, 0.0, 0.5));
+  }
+  return t;
+}
+
+TEST(AutogradOpsGrad, GroupedSwiGluFfn) {
+  EXPECT_GRADCHECK([](const V& in) { return grouped_of(in, {2, 3, 1}); }, grouped_inputs(6));
+  // An expert without rows: its weights get no gradient, the others do.
+  EXPECT_GRADCHECK([](const V& in) { return grouped_of(in, {4, 0, 1}); }, grouped_inputs(5));
+}
+
+TEST(AutogradOpsValue, GroupedSwiGluFfnEqualsPerExpertOps) {
+  const std::vector<Tensor> t = grouped_inputs(7);
+  const std::vector<std::int64_t> counts = {3, 0, 4};
+  V a, b;
+  for (const Tensor& x : t) {
+    a.emplace_back(x, true);
+    b.emplace_back(x, true);
+  }
+  Variable ya = grouped_of(a, counts);
+  std::vector<Variable> parts;
+  std::int64_t offset = 0;
+  for (int e = 0; e < 3; ++e) {
+    if (counts[e] == 0) continue;
+    Variable xe = narrow(b[0], 0, offset, counts[e]);
+    parts.push_back(linear(swiglu(linear(xe, b[1 + 3 * e]), linear(xe, b[2 + 3 * e])),
+                           b[3 + 3 * e]));
+    offset += counts[e];
+  }
+  Variable yb = cat(parts, 0);
+  const std::vector<double> va = values(ya.data()), vb = values(yb.data());
+  ASSERT_EQ(va.size(), vb.size());
+  for (std::size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(va[i], vb[i], 1e-12);
+  testing::weighted_sum(ya).backward();
+  testing::weighted_sum(yb).backward();
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (i >= 4 && i <= 6) {  // expert 1 had no rows: no gradient (zero where defined)
+      if (a[i].grad().defined()) {
+        for (double g : values(a[i].grad())) EXPECT_EQ(g, 0.0) << "input " << i;
+      }
+      continue;
+    }
+    const std::vector<double> ga = values(a[i].grad()), gb = values(b[i].grad());
+    for (std::size_t j = 0; j < ga.size(); ++j) EXPECT_NEAR(ga[j], gb[j], 1e-12) << i << "," << j;
+  }
+}
+
+TEST(AutogradOpsErrors, GroupedSwiGluFfnChecksCounts) {
+  const std::vector<Tensor> t = grouped_inputs(5);
+  V in;
+  for (const Tensor& x : t) in.emplace_back(x, true);
+  try {
+    grouped_of(in, {2, 2, 2});
+    ADD_FAILURE() << "expected kShape";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kShape);
+    EXPECT_NE(std::string(e.what()).find("counts sum to 6 but x has 5 rows"), std::string::npos)
+        << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace motley::autograd

@@ -205,7 +205,9 @@ void stop_and_resume(const std::string& launcher, const std::string& run_dir,
   ASSERT_TRUE(wait_for_rows(pid, run_dir, 3, exited))
       << "the run ended (exit " << exited << ") before it could be signalled";
   ASSERT_EQ(::kill(pid, SIGUSR1), 0);
-  if (second) ASSERT_EQ(::kill(pid, SIGTERM), 0);
+  if (second) {
+    ASSERT_EQ(::kill(pid, SIGTERM), 0);
+  }
   ASSERT_EQ(wait_for(pid), 75) << "see " << (fixture_dir() / (run_dir + ".log"));
   const std::int64_t stopped_at = expect_latest_loadable(run_dir);
   EXPECT_GE(stopped_at, 3);
