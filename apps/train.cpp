@@ -17,20 +17,25 @@
 // and agrees with every other rank on the global norm and on skipping.
 // Rank 0 alone prints and writes metrics.jsonl; checkpoints are written by
 // every rank into one file without gathering (save_checkpoint_sharded), and
-// resumed under any layout by each rank reading the tensors it holds. A
-// single process (no MPI launcher, dp = pp = 1) runs the original loop
-// unchanged, without MPI.
+// resumed under any layout by each rank reading the tensors it holds. With
+// parallel.placement = balanced and ep > 1, experts may change EP rank
+// every parallel.replace_every steps (Note [Re-placement] in
+// parallel/placement.h; Trainer::replace_experts). A single process (no
+// MPI launcher, dp = pp = 1) runs the original loop unchanged, without MPI.
 #include <signal.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "apps/cli.h"
@@ -82,6 +87,52 @@ void install_stop_handler(int signal) {
 constexpr int kExitResumeMe = 75;
 constexpr int kTagActivation = 101;
 constexpr int kTagGradient = 102;
+constexpr int kTagMigration = 103;
+
+// Note [Fault injection]
+// MOTLEY_FAULT_INJECT="rank=R,step=S" makes world rank R throw a kRuntime
+// error at the start of step S (before any of that step's
+// communication), as a failing rank would. It exists to test that one
+// rank's failure ends the whole job (train_main calls MPI_Abort) rather
+// than leaving the other ranks blocked in a collective. Unset: nothing.
+// A malformed value is a kUsage error naming the variable.
+struct FaultInjection {
+  int rank = -1;
+  std::int64_t step = -1;
+};
+
+FaultInjection fault_injection_from_env() {
+  FaultInjection f;
+  const char* env = std::getenv("MOTLEY_FAULT_INJECT");
+  if (env == nullptr || *env == '\0') return f;
+  const std::string value = env;
+  bool have_rank = false, have_step = false;
+  std::size_t start = 0;
+  while (start <= value.size()) {
+    const std::size_t comma = std::min(value.find(',', start), value.size());
+    const std::string item = value.substr(start, comma - start);
+    const std::size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    const std::string number = eq == std::string::npos ? "" : item.substr(eq + 1);
+    char* end = nullptr;
+    const long long n = number.empty() ? -1 : std::strtoll(number.c_str(), &end, 10);
+    MOTLEY_CHECK_KIND(kUsage, (key == "rank" || key == "step") && !number.empty() &&
+                                  *end == '\0' && n >= 0,
+                      "MOTLEY_FAULT_INJECT='", value, "' must be \"rank=R,step=S\" with ",
+                      "non-negative integers R and S");
+    if (key == "rank") {
+      f.rank = static_cast<int>(n);
+      have_rank = true;
+    } else {
+      f.step = n;
+      have_step = true;
+    }
+    start = comma + 1;
+  }
+  MOTLEY_CHECK_KIND(kUsage, have_rank && have_step, "MOTLEY_FAULT_INJECT='", value,
+                    "' must name both rank and step, e.g. \"rank=1,step=3\"");
+  return f;
+}
 
 namespace par = parallel;
 namespace ag = autograd;
@@ -138,6 +189,12 @@ class Trainer {
     if (groups_->layout().ep > 1) {
       exchange_ = std::make_unique<par::CommExpertExchange>(groups_->ep(), owner_);
     }
+    replace_every_ = parallel_ && groups_->layout().ep > 1 && m.moe.n_experts > 0 &&
+                             config_.parallel.placement == "balanced"
+                         ? config_.parallel.replace_every
+                         : 0;
+    window_tokens_.assign(replace_every_ > 0 ? m.moe.n_experts : 0, 0.0);
+    fault_ = fault_injection_from_env();
   }
 
   // Expert owner map (Note [Expert placement]); every expert on ep_rank 0
@@ -183,9 +240,7 @@ class Trainer {
     std::optional<MetricsLog> metrics_log;
     if (root_) metrics_log.emplace(run_dir_ + "/metrics.jsonl", step_);
     MetricsLog* metrics = metrics_log ? &*metrics_log : nullptr;
-    if (parallel_ && groups_->layout().dp > 1) {
-      reducer_ = std::make_unique<par::GradReducer>(model_.params(), *groups_);
-    }
+    build_reducer();
     const double peak = root_ ? measured_peak_flops() : 1.0;
     print_model_summary();
     if (root_) {
@@ -206,6 +261,10 @@ class Trainer {
     while (step_ < tc.steps) {
       const std::int64_t step = step_ + 1;
       const double lr = learning_rate(tc, step);
+      if (groups_->rank() == fault_.rank && step == fault_.step) {
+        MOTLEY_FAIL(kRuntime, "MOTLEY_FAULT_INJECT: injected failure on rank ", fault_.rank,
+                    " at step ", step, " (Note [Fault injection])");
+      }
       StepResult r = parallel_ ? train_step_parallel(step, lr) : train_step(step, lr);
       if (r.skipped) {
         ++skipped_;
@@ -221,7 +280,11 @@ class Trainer {
       tokens_seen_ += tokens_per_step;
       interval_tokens += tokens_per_step;
       interval_flops += step_flops(r);
-      if (step % tc.log_every == 0 || step == tc.steps) {
+      // After the update, before eval and checkpoint: the step's row (always
+      // written when the map changes) carries the new placement.
+      std::optional<Json> placement;
+      if (replace_every_ > 0) placement = maybe_replace(step, r);
+      if (step % tc.log_every == 0 || step == tc.steps || placement) {
         const auto now = std::chrono::steady_clock::now();
         const double secs = std::chrono::duration<double>(now - interval_start).count();
         const double done_secs = std::chrono::duration<double>(now - run_start).count();
@@ -229,7 +292,7 @@ class Trainer {
         const double mfu = interval_flops / std::max(secs, 1e-9) / peak;
         const double eta = done_secs / static_cast<double>(step - first_step) *
                            static_cast<double>(tc.steps - step);
-        log_step(metrics, step, lr, r, tok_s, mfu, eta);
+        log_step(metrics, step, lr, r, tok_s, mfu, eta, placement ? &*placement : nullptr);
         interval_start = now;
         interval_tokens = 0;
         interval_flops = 0;
@@ -494,6 +557,158 @@ class Trainer {
     }
   }
 
+  // ---- expert re-placement (Note [Re-placement] in parallel/placement.h) -------------
+  // The gradient reducer of the current parameters (dp > 1): its buckets
+  // and hooks bind them, so it is rebuilt whenever the parameters are.
+  void build_reducer() {
+    reducer_.reset();
+    if (parallel_ && groups_->layout().dp > 1) {
+      reducer_ = std::make_unique<par::GradReducer>(model_.params(), *groups_);
+    }
+  }
+
+  // Adds the step's routed tokens (world-reduced, summed over every MoE
+  // layer: the one owner map serves them all) to the window and, every
+  // replace_every steps, decides and migrates. Returns the metrics row's
+  // "placement" field when the map changed. Collective over the world.
+  std::optional<Json> maybe_replace(std::int64_t step, const StepResult& r) {
+    const std::int64_t n_experts = config_.model.moe.n_experts;
+    for (const MoELayerStats& s : r.moe) {
+      for (std::int64_t e = 0; e < n_experts; ++e) {
+        window_tokens_[e] += static_cast<double>(s.expert_tokens[e]);
+      }
+    }
+    if (step % replace_every_ != 0) return std::nullopt;
+    const int ep = groups_->layout().ep;
+    const par::ReplacementDecision d =
+        par::decide_replacement(owner_, window_tokens_, model_.expert_sizes(), ep);
+    window_tokens_.assign(n_experts, 0.0);
+    // The counts are exact integers reduced identically on every rank, so
+    // every rank computes the same decision; world rank 0's is the one
+    // applied all the same, so the ranks cannot diverge.
+    std::vector<std::int64_t> message(1 + n_experts, 0);
+    message[0] = d.replace ? 1 : 0;
+    for (std::int64_t e = 0; e < n_experts; ++e) message[1 + e] = d.candidate[e];
+    Tensor t = Tensor::from_vector(message, {1 + n_experts});
+    groups_->world().broadcast(t, 0);
+    message = t.to_vector<std::int64_t>();
+    if (message[0] == 0) return std::nullopt;
+    const std::vector<int> next(message.begin() + 1, message.end());
+    const std::vector<int> before = owner_;
+    replace_experts(next);
+
+    const std::vector<double> load_before = par::rank_loads(before, d.load, ep);
+    const std::vector<double> load_after = par::rank_loads(next, d.load, ep);
+    const std::vector<std::int64_t> params =
+        par::rank_expert_params(next, model_.expert_sizes(), config_.model.d_model, ep);
+    std::vector<int> moved;
+    for (const par::ExpertMove& m : par::expert_moves(before, next)) moved.push_back(m.expert);
+    Json field;
+    field["owner"] = next;
+    field["moved"] = moved;
+    field["rank_load_before"] = load_before;
+    field["rank_load_after"] = load_after;
+    field["rank_expert_params"] = params;
+    if (root_) {
+      const double before_max = *std::max_element(load_before.begin(), load_before.end());
+      const double after_max = *std::max_element(load_after.begin(), load_after.end());
+      std::printf("re-placement at step %lld (routing of the last %lld steps, load = tokens * "
+                  "h_e): max per-rank load %s -> %s (%.1f%% lower), experts {%s} move\n",
+                  static_cast<long long>(step), static_cast<long long>(replace_every_),
+                  format_count(before_max).c_str(), format_count(after_max).c_str(),
+                  100.0 * (1.0 - after_max / before_max), absl::StrJoin(moved, ", ").c_str());
+      for (int rank = 0; rank < ep; ++rank) {
+        std::printf("  ep_rank %d: experts {%s}, %s expert parameters per MoE layer, load %s -> "
+                    "%s\n",
+                    rank, absl::StrJoin(experts_of(next, rank), ", ").c_str(),
+                    format_count(static_cast<double>(params[rank])).c_str(),
+                    format_count(load_before[rank]).c_str(),
+                    format_count(load_after[rank]).c_str());
+      }
+      std::fflush(stdout);
+    }
+    return field;
+  }
+
+  // Moves every expert whose owner changes from `owner_` to `next` to its
+  // new EP rank, in every EP group: the old owner sends each of this
+  // stage's MoE layers' w1, w2, w3 of the expert (registration order) and
+  // their AdamW moments; the new owner receives them into a Transformer
+  // built for the new shard, which takes every other tensor from the
+  // current one. Then everything built from the map is rebuilt: the model
+  // (owner_, ModelShard), the optimizer's state (moved entries erased on
+  // the sender; the step count is global and stays), the reducer, the
+  // expert exchange and the checkpoint writers. No value changes.
+  // Point-to-point over the ep group; sends are non-blocking, so a swap
+  // between two ranks cannot deadlock, and MPI keeps one pair's messages
+  // with one tag in order.
+  void replace_experts(const std::vector<int>& next) {
+    const std::vector<par::ExpertMove> moves = par::expert_moves(owner_, next);
+    reducer_.reset();  // removes its hooks from the current parameters
+    Transformer next_model(config_.model, static_cast<std::uint64_t>(config_.train.seed),
+                           DType::kF32, Device::cpu(), shard_of(config_, *groups_, next));
+    const ParameterSet& now = model_.params();
+    for (const Variable& p : next_model.params().all()) {
+      if (!now.contains(p.name())) continue;
+      Tensor data = p.data();
+      data.copy_(now.get(p.name()).data());
+    }
+    par::Communicator& ep = groups_->ep();
+    const int me = groups_->ep_rank();
+    std::vector<par::Request> sends;
+    std::vector<std::string> sent;
+    for (const par::ExpertMove& move : moves) {
+      if (move.from == me) {
+        for (const std::string& name : expert_param_names(now, move.expert)) {
+          const Variable& p = now.get(name);
+          const AdamWState& st = optimizer_.state(p);
+          sends.push_back(ep.isend(p.data(), move.to, kTagMigration));
+          sends.push_back(ep.isend(st.exp_avg, move.to, kTagMigration));
+          sends.push_back(ep.isend(st.exp_avg_sq, move.to, kTagMigration));
+          sent.push_back(name);
+        }
+      } else if (move.to == me) {
+        for (const std::string& name : expert_param_names(next_model.params(), move.expert)) {
+          const Variable& p = next_model.params().get(name);
+          MOTLEY_CHECK(!optimizer_.has_state(name), "optimizer state of '", name,
+                       "' on a rank that did not hold it");
+          AdamWState& st = optimizer_.state(p);
+          Tensor data = p.data();
+          ep.recv(data, move.from, kTagMigration);
+          ep.recv(st.exp_avg, move.from, kTagMigration);
+          ep.recv(st.exp_avg_sq, move.from, kTagMigration);
+        }
+      }
+    }
+    par::wait_all(sends);
+    for (const std::string& name : sent) optimizer_.erase_state(name);
+    model_ = std::move(next_model);
+    owner_ = next;
+    exchange_ = std::make_unique<par::CommExpertExchange>(groups_->ep(), owner_);
+    build_reducer();
+    ckpt_specs_.clear();  // writers follow owner_ (checkpoint_writer)
+    ckpt_writer_.clear();
+  }
+
+  // Names of global expert `expert`'s parameters in `params`, in
+  // registration order (by layer, then w1, w2, w3).
+  static std::vector<std::string> expert_param_names(const ParameterSet& params, int expert) {
+    const std::string key = absl::StrCat(".moe.experts.", expert, ".");
+    std::vector<std::string> names;
+    for (const Variable& p : params.all()) {
+      if (p.name().find(key) != std::string::npos) names.push_back(p.name());
+    }
+    return names;
+  }
+
+  static std::vector<std::int64_t> experts_of(const std::vector<int>& owner, int rank) {
+    std::vector<std::int64_t> held;
+    for (std::size_t e = 0; e < owner.size(); ++e) {
+      if (owner[e] == rank) held.push_back(static_cast<std::int64_t>(e));
+    }
+    return held;
+  }
+
   // World rank that writes parameter `name` to a checkpoint and sends it
   // to a gathered copy (checkpoint_writer in checkpoint/checkpoint.h).
   int contributor(const std::string& name) const {
@@ -562,7 +777,7 @@ class Trainer {
   }
 
   void log_step(MetricsLog* metrics, std::int64_t step, double lr, const StepResult& r,
-                double tok_s, double mfu, double eta) {
+                double tok_s, double mfu, double eta, const Json* placement = nullptr) {
     if (!root_) return;
     const TrainConfig& tc = config_.train;
     double load_ratio = 1.0;
@@ -602,6 +817,7 @@ class Trainer {
     row["expert_tokens"] = experts;
     row["active_params_per_token"] = active;
     row["gate_entropy"] = entropy;
+    if (placement) row["placement"] = *placement;
     metrics->append(row);
   }
 
@@ -704,8 +920,14 @@ class Trainer {
   void print_layout() const {
     const par::GroupLayout& layout = groups_->layout();
     const ModelConfig& m = config_.model;
-    std::printf("parallel: %d ranks = pp %d x dp %d, ep %d, placement %s\n", layout.world(),
-                layout.pp, layout.dp, layout.ep, config_.parallel.placement.c_str());
+    std::printf("parallel: %d ranks = pp %d x dp %d, ep %d, placement %s%s\n", layout.world(),
+                layout.pp, layout.dp, layout.ep, config_.parallel.placement.c_str(),
+                replace_every_ > 0
+                    ? absl::StrFormat(" (from sizes; re-placed from measured routing every %d "
+                                      "steps when the max per-rank load drops >= %.0f%%)",
+                                      replace_every_, 100.0 * par::kReplaceMinGain)
+                          .c_str()
+                    : "");
     for (int s = 0; s < layout.pp; ++s) {
       const par::StageLayers b = par::stage_layers(m.n_layers, layout.pp, s);
       std::printf("  stage %d: layers [%lld, %lld)\n", s, static_cast<long long>(b.begin),
@@ -715,10 +937,7 @@ class Trainer {
       const std::vector<std::int64_t> params =
           par::rank_expert_params(owner_, model_.expert_sizes(), m.d_model, layout.ep);
       for (int r = 0; r < layout.ep; ++r) {
-        std::vector<std::int64_t> held;
-        for (std::size_t e = 0; e < owner_.size(); ++e) {
-          if (owner_[e] == r) held.push_back(static_cast<std::int64_t>(e));
-        }
+        const std::vector<std::int64_t> held = experts_of(owner_, r);
         std::printf("  ep_rank %d: experts {%s}, %s expert parameters per MoE layer\n", r,
                     absl::StrJoin(held, ", ").c_str(),
                     format_count(static_cast<double>(params[r])).c_str());
@@ -742,6 +961,9 @@ class Trainer {
   std::vector<int> ckpt_writer_;        // world rank writing each of ckpt_specs_
   std::unique_ptr<Transformer> full_model_;  // rank 0, gathered for evaluation
   std::unique_ptr<AdamW> full_optim_;
+  std::int64_t replace_every_ = 0;     // 0: the owner map never changes
+  std::vector<double> window_tokens_;  // (E) routed tokens since the last decision
+  FaultInjection fault_;               // Note [Fault injection]
   std::int64_t step_ = 0;
   std::int64_t tokens_seen_ = 0;
   std::int64_t skipped_ = 0;

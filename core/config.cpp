@@ -154,6 +154,7 @@ const std::vector<Field>& schema() {
       MOTLEY_INT_FIELD("parallel.ep", parallel.ep),
       MOTLEY_INT_FIELD("parallel.pp", parallel.pp),
       MOTLEY_STRING_FIELD("parallel.placement", parallel.placement),
+      MOTLEY_INT_FIELD("parallel.replace_every", parallel.replace_every),
       MOTLEY_STRING_FIELD("data.train", data.train),
       MOTLEY_STRING_FIELD("data.valid", data.valid),
       MOTLEY_STRING_FIELD("data.tokenizer", data.tokenizer),
@@ -341,6 +342,8 @@ void validate(const Config& c) {
   }
   require(one_of(p.placement, {"contiguous", "pairs", "balanced"}), "parallel.placement",
           p.placement, "must be contiguous, pairs or balanced");
+  require(p.replace_every >= 0, "parallel.replace_every", p.replace_every,
+          "must be >= 0 (0: never re-place)");
 }
 
 }  // namespace

@@ -91,6 +91,9 @@ struct ParallelConfig {
   std::int64_t ep = 1;
   std::int64_t pp = 1;
   std::string placement = "contiguous";  // contiguous | pairs | balanced
+  // balanced with ep > 1: steps between re-placement decisions from
+  // measured routing (Note [Re-placement] in parallel/placement.h); 0: never.
+  std::int64_t replace_every = 100;
 };
 
 struct DataConfig {

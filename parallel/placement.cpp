@@ -104,10 +104,48 @@ std::vector<std::int64_t> rank_expert_params(const std::vector<int>& owner,
   return out;
 }
 
-double max_rank_load(const std::vector<int>& owner, const std::vector<double>& load, int ep) {
+std::vector<double> rank_loads(const std::vector<int>& owner, const std::vector<double>& load,
+                               int ep) {
+  MOTLEY_CHECK(owner.size() == load.size(), "placement for ", owner.size(), " experts, load for ",
+               load.size());
   std::vector<double> sum(ep, 0.0);
   for (std::size_t e = 0; e < owner.size(); ++e) sum[owner[e]] += load[e];
+  return sum;
+}
+
+double max_rank_load(const std::vector<int>& owner, const std::vector<double>& load, int ep) {
+  const std::vector<double> sum = rank_loads(owner, load, ep);
   return *std::max_element(sum.begin(), sum.end());
+}
+
+ReplacementDecision decide_replacement(const std::vector<int>& current,
+                                       const std::vector<double>& tokens,
+                                       const std::vector<std::int64_t>& sizes, int ep,
+                                       double min_gain) {
+  MOTLEY_CHECK(current.size() == tokens.size() && tokens.size() == sizes.size(), "placement for ",
+               current.size(), " experts, tokens for ", tokens.size(), ", sizes for ",
+               sizes.size());
+  ReplacementDecision d;
+  d.load.resize(sizes.size());
+  for (std::size_t e = 0; e < sizes.size(); ++e) {
+    d.load[e] = tokens[e] * static_cast<double>(sizes[e]);
+  }
+  d.candidate = place_balanced(d.load, ep);
+  d.current_max = max_rank_load(current, d.load, ep);
+  d.candidate_max = max_rank_load(d.candidate, d.load, ep);
+  // Note [Re-placement]: only a clear gain pays for the migration.
+  d.replace = d.current_max > 0 && d.candidate_max <= (1.0 - min_gain) * d.current_max;
+  return d;
+}
+
+std::vector<ExpertMove> expert_moves(const std::vector<int>& from, const std::vector<int>& to) {
+  MOTLEY_CHECK(from.size() == to.size(), "placements for ", from.size(), " and ", to.size(),
+               " experts");
+  std::vector<ExpertMove> moves;
+  for (std::size_t e = 0; e < from.size(); ++e) {
+    if (from[e] != to[e]) moves.push_back({static_cast<int>(e), from[e], to[e]});
+  }
+  return moves;
 }
 
 }  // namespace motley::parallel

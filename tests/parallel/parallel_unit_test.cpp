@@ -166,6 +166,102 @@ TEST(Placement, BalancedBeatsContiguousOnSkewedLoad) {
   EXPECT_EQ(via, balanced);
 }
 
+// Note [Re-placement]: the hysteresis rule on hand-computed loads.
+TEST(Replacement, ReplacesOnlyForAtLeastFivePercentLowerMaxLoad) {
+  const std::vector<std::int64_t> sizes = {8, 8, 8, 8};
+  const std::vector<int> current = {0, 0, 1, 1};
+  // Experts 0 and 1 are hot: current max (100 + 90) * 8; LPT puts them on
+  // different ranks: 100 + 5 | 90 + 10, max 105 * 8.
+  ReplacementDecision d = decide_replacement(current, {100, 90, 10, 5}, sizes, 2);
+  EXPECT_TRUE(d.replace);
+  expect_valid_owner(d.candidate, 2);
+  EXPECT_NE(d.candidate[0], d.candidate[1]);
+  EXPECT_EQ(d.load, (std::vector<double>{800, 720, 80, 40}));
+  EXPECT_DOUBLE_EQ(d.current_max, 190.0 * 8);
+  EXPECT_DOUBLE_EQ(d.candidate_max, 105.0 * 8);
+
+  // Better but not by 5 %: current 52 + 50 | 50 + 48 = 102 | 98; LPT
+  // 52 + 48 | 50 + 50 = 100: a 2 % gain keeps the map.
+  d = decide_replacement(current, {52, 50, 50, 48}, sizes, 2);
+  EXPECT_DOUBLE_EQ(d.current_max, 102.0 * 8);
+  EXPECT_DOUBLE_EQ(d.candidate_max, 100.0 * 8);
+  EXPECT_FALSE(d.replace);
+
+  // The threshold itself: 95 | 5 -> 50 | 50 is a 47.4 % gain.
+  const std::vector<double> tokens = {50, 45, 5, 0};
+  d = decide_replacement(current, tokens, {1, 1, 1, 1}, 2);
+  EXPECT_DOUBLE_EQ(d.current_max, 95.0);
+  EXPECT_DOUBLE_EQ(d.candidate_max, 50.0);
+  EXPECT_TRUE(d.replace);
+  EXPECT_TRUE(decide_replacement(current, tokens, {1, 1, 1, 1}, 2, 0.47).replace);
+  EXPECT_FALSE(decide_replacement(current, tokens, {1, 1, 1, 1}, 2, 0.48).replace);
+
+  // Sizes weigh the tokens: equal tokens, the two big experts together.
+  d = decide_replacement({0, 1, 0, 1}, {10, 10, 10, 10}, {90, 10, 80, 20}, 2);
+  EXPECT_TRUE(d.replace);
+  EXPECT_DOUBLE_EQ(d.current_max, 1700.0);
+  EXPECT_DOUBLE_EQ(d.candidate_max, 1000.0);  // 90 + 10 | 80 + 20
+  EXPECT_NE(d.candidate[0], d.candidate[2]);
+
+  // LPT's partition under other rank labels is no gain: 105 | 100 either way.
+  d = decide_replacement({1, 0, 0, 1}, {100, 90, 10, 5}, sizes, 2);
+  EXPECT_DOUBLE_EQ(d.current_max, d.candidate_max);
+  EXPECT_FALSE(d.replace);
+  // An empty window (no tokens) never moves anything.
+  d = decide_replacement(current, {0, 0, 0, 0}, sizes, 2);
+  EXPECT_FALSE(d.replace);
+  EXPECT_EQ(d.current_max, 0.0);
+}
+
+TEST(Replacement, DecisionIsAPureFunctionOfTheCounts) {
+  // Every rank computes the same decision from the same reduced counts;
+  // the same inputs twice give the same map (no hidden state).
+  const std::vector<double> tokens = {300, 10, 250, 40, 90, 90, 5, 200};
+  MoEConfig m;
+  m.n_experts = 8;
+  m.expert_hidden = 160;
+  m.expert_sizes = "modse";
+  const std::vector<std::int64_t> sizes = expert_hidden_sizes(m);
+  const std::vector<int> start = place_experts("balanced", sizes, 4);
+  const ReplacementDecision a = decide_replacement(start, tokens, sizes, 4);
+  const ReplacementDecision b = decide_replacement(start, tokens, sizes, 4);
+  EXPECT_EQ(a.candidate, b.candidate);
+  EXPECT_EQ(a.replace, b.replace);
+  expect_valid_owner(a.candidate, 4);
+  // LPT never does worse than the size-only start on these counts here,
+  // and the loads it reports are the per-rank sums.
+  EXPECT_LE(a.candidate_max, a.current_max);
+  const std::vector<double> per = rank_loads(a.candidate, a.load, 4);
+  EXPECT_DOUBLE_EQ(*std::max_element(per.begin(), per.end()), a.candidate_max);
+  double total = 0;
+  for (double x : per) total += x;
+  double want = 0;
+  for (std::size_t e = 0; e < sizes.size(); ++e) want += tokens[e] * static_cast<double>(sizes[e]);
+  EXPECT_DOUBLE_EQ(total, want);
+}
+
+TEST(Replacement, ReplaceEveryIsValidatedAndDefaultsTo100) {
+  EXPECT_EQ(Config::defaults().parallel.replace_every, 100);
+  EXPECT_EQ(Config::from_json(nlohmann::ordered_json::object(), {"parallel.replace_every=0"})
+                .parallel.replace_every,
+            0);
+  try {
+    Config::from_json(nlohmann::ordered_json::object(), {"parallel.replace_every=-1"});
+    ADD_FAILURE() << "expected kUsage for parallel.replace_every = -1";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kUsage);
+    EXPECT_NE(std::string(e.what()).find("parallel.replace_every"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Replacement, MovesListChangedExpertsInIdOrder) {
+  EXPECT_TRUE(expert_moves({0, 0, 1, 1}, {0, 0, 1, 1}).empty());
+  EXPECT_EQ(expert_moves({0, 0, 1, 1}, {0, 1, 0, 1}),
+            (std::vector<ExpertMove>{{1, 0, 1}, {2, 1, 0}}));
+  EXPECT_EQ(expert_moves({0, 1, 2, 0, 1, 2}, {2, 1, 0, 0, 2, 1}),
+            (std::vector<ExpertMove>{{0, 0, 2}, {2, 2, 0}, {4, 1, 2}, {5, 2, 1}}));
+}
+
 TEST(Schedule, OneFOneBProperties) {
   for (int stages = 1; stages <= 5; ++stages) {
     for (std::int64_t n = 1; n <= 7; ++n) {
