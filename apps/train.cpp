@@ -142,6 +142,9 @@ struct StepResult {
   double loss = 0, lm_loss = 0, aux_loss = 0, grad_norm = 0;
   bool skipped = false;
   std::vector<MoELayerStats> moe;  // summed over micro-batches
+  // Bytes all ranks sent to other ranks in the expert all-to-alls of the
+  // step (forward and backward); 0 without expert parallelism.
+  double ep_bytes = 0;
 };
 
 // Adds one micro-batch's routing statistics into the step's.
@@ -496,12 +499,16 @@ class Trainer {
     }
     // Losses: every rank adds its share (lm on the last stage, aux on each
     // stage with MoE layers); the sums over the world are the step's means.
-    Tensor losses = Tensor::from_vector(std::vector<double>{lm_sum, aux_sum}, {2});
+    // The expert all-to-all bytes ride along (exact integers in a double).
+    const double ep_bytes = exchange_ ? static_cast<double>(exchange_->bytes_sent()) : 0.0;
+    if (exchange_) exchange_->reset_bytes_sent();
+    Tensor losses = Tensor::from_vector(std::vector<double>{lm_sum, aux_sum, ep_bytes}, {3});
     groups_->world().allreduce_sum(losses);
     const std::vector<double> lv = losses.to_vector<double>();
     r.lm_loss = lv[0];
     r.aux_loss = lv[1];
     r.loss = lv[0] + lv[1];
+    r.ep_bytes = lv[2];
     reduce_stats(r.moe);
     r.grad_norm = std::sqrt(par::global_grad_sum_of_squares(model_.params(), *groups_, gru_stage_));
     // Every rank sees the same reduced loss and norm, so all skip together.
@@ -818,6 +825,7 @@ class Trainer {
     row["active_params_per_token"] = active;
     row["gate_entropy"] = entropy;
     if (placement) row["placement"] = *placement;
+    if (groups_->layout().ep > 1) row["ep_bytes"] = r.ep_bytes;
     metrics->append(row);
   }
 

@@ -119,26 +119,24 @@ MoEResult moe_forward(const MoEConfig& config, const std::vector<std::int64_t>& 
         ag::reshape(ag::index_select_rows(gates, index_tensor(plan.pair, device)), {rows}),
         m.dtype());                                                    // (R)
     Variable x = ag::index_select_rows(m, row_token);                  // (R, d)
-    Variable y;  // (R, d)
-    if (ctx.exchange != nullptr) {
-      y = ctx.exchange->run(x, plan.counts, [&](std::int64_t e, const Variable& rows_e) {
-        MOTLEY_CHECK(w.experts[e].w1.defined(), "expert ", e, " of layer ", ctx.layer,
-                     " was sent to a process that does not hold it");
-        return swiglu_ffn(w.experts[e], rows_e);
-      });
-    } else {
-      // Every expert once on its block of rows, as one op (Note [Grouped
-      // experts] in autograd/ops.cpp).
+    // Experts on rows grouped by expert id, as one op (Note [Grouped
+    // experts] in autograd/ops.cpp); with an exchange, on the process
+    // holding them.
+    auto experts = [&](const Variable& rows_in, const std::vector<std::int64_t>& counts) {
       std::vector<Variable> w1, w3, w2;
       for (std::int64_t e = 0; e < n_experts; ++e) {
-        MOTLEY_CHECK(plan.counts[e] == 0 || w.experts[e].w1.defined(), "expert ", e,
-                     " of layer ", ctx.layer, " is not held by this process");
+        MOTLEY_CHECK(counts[e] == 0 || w.experts[e].w1.defined(), "expert ", e, " of layer ",
+                     ctx.layer, ctx.exchange != nullptr
+                                    ? " was sent to a process that does not hold it"
+                                    : " is not held by this process");
         w1.push_back(w.experts[e].w1);
         w3.push_back(w.experts[e].w3);
         w2.push_back(w.experts[e].w2);
       }
-      y = ag::grouped_swiglu_ffn(x, plan.counts, w1, w3, w2);
-    }
+      return ag::grouped_swiglu_ffn(rows_in, counts, w1, w3, w2);
+    };
+    const Variable y = ctx.exchange != nullptr ? ctx.exchange->run(x, plan.counts, experts)
+                                               : experts(x, plan.counts);  // (R, d)
     result.out = ag::index_add_rows(y, row_token, row_gate, n_tokens);    // (N, d)
   }
 

@@ -38,9 +38,11 @@ struct MoEWeights {
 // The seam through which expert parallelism enters the MoE layer without
 // layers/ depending on parallel/. moe_forward hands the exchange the
 // dispatched rows grouped by global expert id (counts[e] rows of expert e,
-// in id order, possibly 0) and a function computing one expert on rows of
-// it; run() returns the expert outputs for exactly those rows, in the
-// same order. The default (no exchange) computes every expert locally.
+// in id order, possibly 0) and a function computing experts on rows
+// grouped the same way (its own counts: rows of expert e, 0 for experts
+// it is not given; one grouped op, Note [Grouped experts] in
+// autograd/ops.cpp); run() returns the expert outputs for exactly the
+// given rows, in the same order. The default (no exchange) computes every expert locally.
 // An implementation may send rows to the process holding the expert and
 // bring the results back (parallel/expert_exchange.h); it must be
 // differentiable (its backward mirrors the forward), and every process of
@@ -48,7 +50,8 @@ struct MoEWeights {
 // the same order, even with zero rows.
 class ExpertExchange {
  public:
-  using ExpertFn = std::function<Variable(std::int64_t expert, const Variable& rows)>;
+  using ExpertFn =
+      std::function<Variable(const Variable& rows, const std::vector<std::int64_t>& counts)>;
   virtual ~ExpertExchange() = default;
   virtual Variable run(const Variable& rows, const std::vector<std::int64_t>& counts,
                        const ExpertFn& expert) = 0;

@@ -33,7 +33,8 @@ Tensor gather_rows(const Tensor& in, const std::vector<std::int64_t>& index, std
 
 // The exchange itself on plain tensors: gather by send_index, all-to-all,
 // permute by recv_perm.
-Tensor exchange_tensor(const Tensor& x, const ExchangePlan& plan, Communicator& comm) {
+Tensor exchange_tensor(const Tensor& x, const ExchangePlan& plan, Communicator& comm,
+                       std::int64_t* bytes_sent) {
   const std::int64_t d = x.size(1);
   Tensor send = gather_rows(x, plan.send_index, d);
   std::int64_t received = 0;
@@ -43,6 +44,14 @@ Tensor exchange_tensor(const Tensor& x, const ExchangePlan& plan, Communicator& 
   for (auto& c : sc) c *= d;
   for (auto& c : rc) c *= d;
   comm.alltoallv(send, sc, recv, rc);
+  if (bytes_sent != nullptr) {
+    const int me = comm.rank();
+    for (std::size_t r = 0; r < sc.size(); ++r) {
+      if (static_cast<int>(r) != me) {
+        *bytes_sent += sc[r] * static_cast<std::int64_t>(dtype_size(x.dtype()));
+      }
+    }
+  }
   return gather_rows(recv, plan.recv_perm, d);
 }
 
@@ -105,15 +114,17 @@ ExchangePlan dispatch_plan(int me, const std::vector<std::vector<std::int64_t>>&
   return plan;
 }
 
-ag::Variable exchange_rows(const ag::Variable& x, const ExchangePlan& plan, Communicator& comm) {
+ag::Variable exchange_rows(const ag::Variable& x, const ExchangePlan& plan, Communicator& comm,
+                           std::int64_t* bytes_sent) {
   MOTLEY_CHECK_KIND(kShape, x.dim() == 2, "exchange_rows: rows must be (R, d), got ",
                     x.data().str());
-  Tensor out = exchange_tensor(x.data(), plan, comm);
+  Tensor out = exchange_tensor(x.data(), plan, comm, bytes_sent);
   Communicator* c = &comm;
-  return ag::record_op("expert_all_to_all", out, {x},
-                       [mirror = plan.mirrored(), c](const Tensor& grad) -> ag::TensorList {
-                         return {exchange_tensor(grad, mirror, *c)};
-                       });
+  return ag::record_op(
+      "expert_all_to_all", out, {x},
+      [mirror = plan.mirrored(), c, bytes_sent](const Tensor& grad) -> ag::TensorList {
+        return {exchange_tensor(grad, mirror, *c, bytes_sent)};
+      });
 }
 
 ag::Variable CommExpertExchange::run(const ag::Variable& rows,
@@ -134,20 +145,13 @@ ag::Variable CommExpertExchange::run(const ag::Variable& rows,
   std::vector<std::int64_t> local;
   const ExchangePlan plan = dispatch_plan(ep_.rank(), all_counts, owner_, &local);
 
-  ag::Variable received = exchange_rows(rows, plan, ep_);  // (R_local, d)
-  std::vector<ag::Variable> outputs;
-  std::int64_t offset = 0;
-  for (std::int64_t e = 0; e < n_experts; ++e) {
-    if (local[e] == 0) continue;
-    outputs.push_back(expert(e, ag::narrow(received, 0, offset, local[e])));
-    offset += local[e];
-  }
+  ag::Variable received = exchange_rows(rows, plan, ep_, &bytes_sent_);  // (R_local, d)
+  std::int64_t local_rows = 0;
+  for (std::int64_t c : local) local_rows += c;
   // No local rows: the empty received block goes straight back, keeping
   // both exchanges in the graph so backward mirrors them on every rank.
-  ag::Variable y = outputs.empty()       ? received
-                   : outputs.size() == 1 ? outputs[0]
-                                         : ag::cat(outputs, 0);
-  return exchange_rows(y, plan.mirrored(), ep_);
+  const ag::Variable y = local_rows == 0 ? received : expert(received, local);
+  return exchange_rows(y, plan.mirrored(), ep_, &bytes_sent_);
 }
 
 }  // namespace motley::parallel

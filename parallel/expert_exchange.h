@@ -47,9 +47,11 @@ ExchangePlan dispatch_plan(int me, const std::vector<std::vector<std::int64_t>>&
 
 // The differentiable all-to-all: x (R, d) -> (sum(recv_counts), d) per the
 // plan; backward is the mirrored exchange. Collective over `comm`, which
-// must outlive the graph.
+// must outlive the graph. `bytes_sent` (may be null; must outlive the
+// graph) accumulates the bytes this rank sends to OTHER ranks, forward
+// and backward (rows it keeps are a local copy, not counted).
 autograd::Variable exchange_rows(const autograd::Variable& x, const ExchangePlan& plan,
-                                 Communicator& comm);
+                                 Communicator& comm, std::int64_t* bytes_sent = nullptr);
 
 class CommExpertExchange final : public ExpertExchange {
  public:
@@ -59,9 +61,17 @@ class CommExpertExchange final : public ExpertExchange {
   autograd::Variable run(const autograd::Variable& rows, const std::vector<std::int64_t>& counts,
                          const ExpertFn& expert) override;
 
+  // Bytes this rank has sent to other EP ranks (both all-to-alls, forward
+  // and backward) since construction or the last reset: for each routed
+  // row held by another rank, d elements out and back in forward, and
+  // again in backward (docs/perf.md, "Expert-parallel traffic").
+  std::int64_t bytes_sent() const { return bytes_sent_; }
+  void reset_bytes_sent() { bytes_sent_ = 0; }
+
  private:
   Communicator& ep_;
   std::vector<int> owner_;
+  std::int64_t bytes_sent_ = 0;
 };
 
 }  // namespace motley::parallel

@@ -136,8 +136,15 @@ TEST(Mpi, ExpertExchangeForwardAndBackwardWithZeroRows) {
   autograd::Variable x(Tensor::from_vector(xs, {rows, 3}), true);
   int calls = 0;
   autograd::Variable y = exchange.run(
-      x, counts, [&](std::int64_t e, const autograd::Variable& v) {
-        EXPECT_EQ(owner[e], me);
+      x, counts, [&](const autograd::Variable& v, const std::vector<std::int64_t>& local) {
+        std::int64_t total = 0;
+        for (std::size_t e = 0; e < local.size(); ++e) {
+          if (local[e] > 0) {
+            EXPECT_EQ(owner[e], me) << "expert " << e;
+          }
+          total += local[e];
+        }
+        EXPECT_EQ(total, v.size(0));
         ++calls;
         return autograd::scale(v, 2.0);
       });
@@ -149,6 +156,18 @@ TEST(Mpi, ExpertExchangeForwardAndBackwardWithZeroRows) {
   if (rows > 0) {
     for (float g : x.grad().to_vector<float>()) EXPECT_EQ(g, 1.0f);
   }
+  // Bytes: a row routed to an expert on another rank crosses the network
+  // four times (dispatch and return in forward, both again in backward),
+  // each time d f32 values, counted by the rank that sends it.
+  Tensor sent = Tensor::from_vector<std::int64_t>({exchange.bytes_sent()}, {1});
+  w->allreduce_sum(sent);
+  std::int64_t off_rank_rows = 0;
+  for (int r = 1; r < n; ++r) {  // rank 0 routes nothing
+    for (int e = 0; e < 2 * n; ++e) {
+      if (owner[e] != r) off_rank_rows += (e + r) % 3;
+    }
+  }
+  EXPECT_EQ(sent.to_vector<std::int64_t>()[0], 4 * off_rank_rows * 3 * 4);
 }
 
 }  // namespace
