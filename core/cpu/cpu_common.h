@@ -40,9 +40,12 @@ inline std::string dtype_str(DType dtype) { return std::string(dtype_name(dtype)
 template <typename F>
 decltype(auto) dispatch_float(const char* kernel, DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kF32: return f(float{});
-    case DType::kF64: return f(double{});
-    default: break;
+    case DType::kF32:
+      return f(float{});
+    case DType::kF64:
+      return f(double{});
+    default:
+      break;
   }
   MOTLEY_FAIL(kShape, "cpu ", kernel, ": dtype ", dtype_str(dtype),
               " not supported (f32 or f64 expected)");
@@ -52,11 +55,16 @@ decltype(auto) dispatch_float(const char* kernel, DType dtype, F&& f) {
 template <typename F>
 decltype(auto) dispatch_arith(const char* kernel, DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kF32: return f(float{});
-    case DType::kF64: return f(double{});
-    case DType::kI32: return f(std::int32_t{});
-    case DType::kI64: return f(std::int64_t{});
-    default: break;
+    case DType::kF32:
+      return f(float{});
+    case DType::kF64:
+      return f(double{});
+    case DType::kI32:
+      return f(std::int32_t{});
+    case DType::kI64:
+      return f(std::int64_t{});
+    default:
+      break;
   }
   MOTLEY_FAIL(kShape, "cpu ", kernel, ": dtype ", dtype_str(dtype),
               " not supported (f32, f64, i32 or i64 expected)");
@@ -66,11 +74,16 @@ decltype(auto) dispatch_arith(const char* kernel, DType dtype, F&& f) {
 template <typename F>
 decltype(auto) dispatch_all(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kF32: return f(float{});
-    case DType::kF64: return f(double{});
-    case DType::kBF16: return f(BFloat16{});
-    case DType::kI32: return f(std::int32_t{});
-    case DType::kI64: return f(std::int64_t{});
+    case DType::kF32:
+      return f(float{});
+    case DType::kF64:
+      return f(double{});
+    case DType::kBF16:
+      return f(BFloat16{});
+    case DType::kI32:
+      return f(std::int32_t{});
+    case DType::kI64:
+      return f(std::int64_t{});
   }
   MOTLEY_FAIL(kInternal, "unknown dtype");
 }
@@ -79,9 +92,12 @@ decltype(auto) dispatch_all(DType dtype, F&& f) {
 template <typename F>
 decltype(auto) dispatch_index(const char* kernel, DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kI32: return f(std::int32_t{});
-    case DType::kI64: return f(std::int64_t{});
-    default: break;
+    case DType::kI32:
+      return f(std::int32_t{});
+    case DType::kI64:
+      return f(std::int64_t{});
+    default:
+      break;
   }
   MOTLEY_FAIL(kShape, "cpu ", kernel, ": index dtype ", dtype_str(dtype),
               " not supported (i32 or i64 expected)");
@@ -120,8 +136,8 @@ inline T* mdata(const Tensor& t) {
 }
 
 inline void require_contiguous(const char* kernel, const Tensor& t, const char* name) {
-  MOTLEY_CHECK_KIND(kShape, t.is_contiguous(), "cpu ", kernel, ": ", name, " ",
-                    t.str(), " must be contiguous");
+  MOTLEY_CHECK_KIND(kShape, t.is_contiguous(), "cpu ", kernel, ": ", name, " ", t.str(),
+                    " must be contiguous");
 }
 
 // Rows view: (numel / n, n) with n the size of the last dimension.
@@ -139,8 +155,7 @@ inline std::int64_t row_count(const Tensor& t) {
 // dropped and adjacent dimensions that are contiguous in every operand are
 // merged, so contiguous operands give one run of numel elements.
 template <std::size_t N, typename Run>
-void strided_loop(const Shape& shape, const std::array<const Shape*, N>& strides,
-                  Run&& run) {
+void strided_loop(const Shape& shape, const std::array<const Shape*, N>& strides, Run&& run) {
   constexpr int kMaxDims = 16;
   std::int64_t sizes[kMaxDims];
   std::int64_t st[N][kMaxDims];
@@ -198,13 +213,12 @@ void strided_loop(const Shape& shape, const std::array<const Shape*, N>& strides
 
 // ---- BLAS -------------------------------------------------------------------
 
-inline void blas_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k,
-                      float alpha, const float* a, std::int64_t lda, const float* b,
-                      std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+inline void blas_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                      const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
+                      float beta, float* c, std::int64_t ldc) {
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
               static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
-              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
-              static_cast<int>(ldc));
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
 }
 
 inline void blas_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k,
@@ -212,8 +226,7 @@ inline void blas_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int
                       std::int64_t ldb, double beta, double* c, std::int64_t ldc) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
               static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
-              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
-              static_cast<int>(ldc));
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
 }
 
 // ---- math -------------------------------------------------------------------
@@ -235,8 +248,7 @@ using ConstArrayMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 // (x < -87.33, -inf included) the result is 0; above 88.7228 (the float
 // overflow threshold), +inf; NaN propagates.
 inline __m256 exp_avx2(__m256 x) {
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.5f)),
-                                  _mm256_set1_ps(88.8f));
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.5f)), _mm256_set1_ps(88.8f));
   const __m256 fx = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);
@@ -262,8 +274,7 @@ inline __m256 exp_avx2(__m256 x) {
 #if defined(__AVX512F__)
 // exp_avx2 on 16 lanes (the same reduction, polynomial and special cases).
 inline __m512 exp_avx512(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.5f)),
-                                  _mm512_set1_ps(88.8f));
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.5f)), _mm512_set1_ps(88.8f));
   const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), xc);

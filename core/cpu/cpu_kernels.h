@@ -21,31 +21,27 @@ void softmax(const Tensor& x, Tensor& y, bool log);
 void softmax_backward(const Tensor& y, const Tensor& dy, Tensor& dx, bool log);
 void cross_entropy(const Tensor& logits, const Tensor& targets, std::int64_t ignore_index,
                    Tensor& loss, Tensor& lse);
-void cross_entropy_backward(const Tensor& logits, const Tensor& targets,
-                            std::int64_t ignore_index, const Tensor& lse,
-                            const Tensor& dloss, Tensor& dlogits);
+void cross_entropy_backward(const Tensor& logits, const Tensor& targets, std::int64_t ignore_index,
+                            const Tensor& lse, const Tensor& dloss, Tensor& dlogits);
 void rmsnorm(const Tensor& x, const Tensor& g, double eps, Tensor& y, Tensor& rstd);
-void rmsnorm_backward(const Tensor& x, const Tensor& g, const Tensor& rstd,
-                      const Tensor& dy, Tensor& dx, Tensor& dg);
+void rmsnorm_backward(const Tensor& x, const Tensor& g, const Tensor& rstd, const Tensor& dy,
+                      Tensor& dx, Tensor& dg);
 void swiglu(const Tensor& a, const Tensor& b, Tensor& out);
-void swiglu_backward(const Tensor& a, const Tensor& b, const Tensor& dout, Tensor& da,
-                     Tensor& db);
+void swiglu_backward(const Tensor& a, const Tensor& b, const Tensor& dout, Tensor& da, Tensor& db);
 void rope(const Tensor& x, double theta, std::int64_t pos_offset, bool inverse, Tensor& y);
 void index_select_rows(const Tensor& src, const Tensor& index, Tensor& out);
-void index_add_rows(const Tensor& src, const Tensor& index, const Tensor& scale,
-                    Tensor& out);
+void index_add_rows(const Tensor& src, const Tensor& index, const Tensor& scale, Tensor& out);
 void topk(const Tensor& x, std::int64_t k, Tensor& values, Tensor& indices);
 void sort_desc(const Tensor& x, Tensor& values, Tensor& indices);
-void adamw(Tensor& param, const Tensor& grad, Tensor& exp_avg, Tensor& exp_avg_sq,
-           double lr, double beta1, double beta2, double eps, double weight_decay,
-           std::int64_t step);
+void adamw(Tensor& param, const Tensor& grad, Tensor& exp_avg, Tensor& exp_avg_sq, double lr,
+           double beta1, double beta2, double eps, double weight_decay, std::int64_t step);
 
 // kernels_attention.cpp
-void attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
-               Tensor& out, Tensor& lse);
-void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
-                        const Tensor& out, const Tensor& lse, const Tensor& dout,
-                        double scale, Tensor& dq, Tensor& dk, Tensor& dv);
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out,
+               Tensor& lse);
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        const Tensor& lse, const Tensor& dout, double scale, Tensor& dq, Tensor& dk,
+                        Tensor& dv);
 
 // Row reductions shared by the kernel files, returning double. Floats are
 // summed in 16 float lanes over blocks of at most 1024 elements (64 terms

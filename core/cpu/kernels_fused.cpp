@@ -194,12 +194,11 @@ void cross_entropy(const Tensor& logits, const Tensor& targets, std::int64_t ign
   });
 }
 
-void cross_entropy_backward(const Tensor& logits, const Tensor& targets,
-                            std::int64_t ignore_index, const Tensor& lse,
-                            const Tensor& dloss, Tensor& dlogits) {
+void cross_entropy_backward(const Tensor& logits, const Tensor& targets, std::int64_t ignore_index,
+                            const Tensor& lse, const Tensor& dloss, Tensor& dlogits) {
   check_contiguous("cross_entropy_backward", {&logits, &targets, &lse, &dloss, &dlogits});
-  MOTLEY_CHECK_KIND(kShape, logits.dim() == 2, "cpu cross_entropy_backward: logits ",
-                    logits.str(), " must be (N, V)");
+  MOTLEY_CHECK_KIND(kShape, logits.dim() == 2, "cpu cross_entropy_backward: logits ", logits.str(),
+                    " must be (N, V)");
   const std::int64_t rows = logits.size(0), v = logits.size(1);
   check_shape("cross_entropy_backward", targets, {rows}, "targets");
   check_shape("cross_entropy_backward", lse, {rows}, "lse");
@@ -247,9 +246,10 @@ void rmsnorm(const Tensor& x, const Tensor& g, double eps, Tensor& y, Tensor& rs
   const std::int64_t d = last_dim(x), rows = row_count(x);
   check_shape("rmsnorm", g, {d}, "g");
   check_shape("rmsnorm", y, x.shape(), "y");
-  MOTLEY_CHECK_KIND(kShape, rstd.numel() == rows, "cpu rmsnorm: rstd ", rstd.str(),
-                    " for ", rows, " rows");
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&g, &y, &rstd}) check_dtype("rmsnorm", *t, x.dtype(), "argument");
+  MOTLEY_CHECK_KIND(kShape, rstd.numel() == rows, "cpu rmsnorm: rstd ", rstd.str(), " for ", rows,
+                    " rows");
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&g, &y, &rstd})
+    check_dtype("rmsnorm", *t, x.dtype(), "argument");
   dispatch_float("rmsnorm", x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* px = cdata<T>(x);
@@ -298,71 +298,93 @@ void rmsnorm_backward(const Tensor& x, const Tensor& g, const Tensor& rstd, cons
     std::vector<double> dg_acc(d, 0.0);  // (d) blocks summed in order
     std::vector<T> dg_block(d, T(0));    // (d) rows of the current block
     std::vector<T> gx(d);                // (d) g * x of one row
-    for (std::int64_t row = 0; row < rows; ++row) {
+    constexpr std::int64_t kGroup = 8;   // rows per group (see below)
+    // c_row = r^3 / d * sum_k dy_k g_k x_k: the row's dot product.
+    auto row_coeff = [&](std::int64_t row) -> T {
       const T* __restrict xr = px + row * d;
       const T* __restrict gr = pdy + row * d;
-      T* __restrict dr = pdx + row * d;
-      T* __restrict gxr = gx.data();
-      T* __restrict dgb = dg_block.data();
       const T rs = pr[row];
-      std::int64_t j0 = 0;  // first element left to the generic loops
+      double dot = 0.0;
+      std::int64_t j0 = 0;  // first element left to the generic loop
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<T, float>) {
-        // Both passes in 16-float vectors: the dot product (64 lanes,
-        // flushed into double, as dot_row), then dx and this block's dg.
-        // Rows shorter than a multiple of 16 leave a tail to the loops below.
+        // 32 float lanes over blocks of 1024 elements, each flushed into
+        // double (the accuracy of dot_row).
         j0 = d - d % 16;
-        double dot = 0.0;
         for (std::int64_t b = 0; b < j0; b += 1024) {
           __m512 a0 = _mm512_setzero_ps(), a1 = a0;
           const std::int64_t e = std::min(j0, b + 1024);
           std::int64_t j = b;
           for (; j + 32 <= e; j += 32) {
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(gr + j),
-                                 _mm512_mul_ps(_mm512_loadu_ps(pg + j), _mm512_loadu_ps(xr + j)), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(gr + j + 16),
-                                 _mm512_mul_ps(_mm512_loadu_ps(pg + j + 16),
-                                               _mm512_loadu_ps(xr + j + 16)), a1);
+                                 _mm512_mul_ps(_mm512_loadu_ps(pg + j), _mm512_loadu_ps(xr + j)),
+                                 a0);
+            a1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(gr + j + 16),
+                _mm512_mul_ps(_mm512_loadu_ps(pg + j + 16), _mm512_loadu_ps(xr + j + 16)), a1);
           }
           for (; j < e; j += 16) {
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(gr + j),
-                                 _mm512_mul_ps(_mm512_loadu_ps(pg + j), _mm512_loadu_ps(xr + j)), a0);
+                                 _mm512_mul_ps(_mm512_loadu_ps(pg + j), _mm512_loadu_ps(xr + j)),
+                                 a0);
           }
           const __m512 a = _mm512_add_ps(a0, a1);
           dot += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)),
                                                     _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1))));
         }
         for (std::int64_t j = j0; j < d; ++j) dot += static_cast<double>(gr[j] * (pg[j] * xr[j]));
-        const float c = static_cast<float>(static_cast<double>(rs) * rs * rs * dot /
-                                           static_cast<double>(d));
+        j0 = d;
+      }
+#endif
+      if (j0 < d) {
+        T* __restrict gxr = gx.data();
+        for (std::int64_t j = 0; j < d; ++j) gxr[j] = pg[j] * xr[j];
+        dot = dot_row(gr, gxr, d);
+      }
+      return static_cast<T>(static_cast<double>(rs) * rs * rs * dot / static_cast<double>(d));
+    };
+    // dx of the row and its dg terms into the block sum.
+    auto row_update = [&](std::int64_t row, T c) {
+      const T* __restrict xr = px + row * d;
+      const T* __restrict gr = pdy + row * d;
+      T* __restrict dr = pdx + row * d;
+      T* __restrict dgb = dg_block.data();
+      const T rs = pr[row];
+      std::int64_t j0 = 0;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        j0 = d - d % 16;
         const __m512 vrs = _mm512_set1_ps(rs), vc = _mm512_set1_ps(c);
         for (std::int64_t j = 0; j < j0; j += 16) {
           const __m512 x = _mm512_loadu_ps(xr + j), gy = _mm512_loadu_ps(gr + j);
           const __m512 gyr = _mm512_mul_ps(gy, vrs);
           // dx = rs g dy - c x;  dg += dy x rs
-          _mm512_storeu_ps(dr + j, _mm512_fnmadd_ps(vc, x, _mm512_mul_ps(gyr, _mm512_loadu_ps(pg + j))));
+          _mm512_storeu_ps(dr + j,
+                           _mm512_fnmadd_ps(vc, x, _mm512_mul_ps(gyr, _mm512_loadu_ps(pg + j))));
           _mm512_storeu_ps(dgb + j, _mm512_fmadd_ps(gyr, x, _mm512_loadu_ps(dgb + j)));
         }
-        for (std::int64_t j = j0; j < d; ++j) {
-          dr[j] = rs * pg[j] * gr[j] - c * xr[j];
-          dgb[j] += gr[j] * xr[j] * rs;
-        }
-        j0 = d;
       }
 #endif
-      if (j0 < d) {
-        for (std::int64_t j = 0; j < d; ++j) gxr[j] = pg[j] * xr[j];
-        const double dot = dot_row(gr, gxr, d);
-        const T c = static_cast<T>(static_cast<double>(rs) * rs * rs * dot / static_cast<double>(d));
-        for (std::int64_t j = 0; j < d; ++j) {
-          dr[j] = rs * pg[j] * gr[j] - c * xr[j];
-          dgb[j] += gr[j] * xr[j] * rs;
-        }
+      for (std::int64_t j = j0; j < d; ++j) {
+        dr[j] = rs * pg[j] * gr[j] - c * xr[j];
+        dgb[j] += gr[j] * xr[j] * rs;
       }
-      if ((row + 1) % kRowBlock == 0 || row + 1 == rows) {
+    };
+    // Rows in groups of kGroup: the dot products of the group first (the
+    // rows are independent, so their reductions overlap instead of each
+    // row's update waiting for its own), then the updates while the group's
+    // rows are still in L1.
+    static_assert(kRowBlock % kGroup == 0, "dg blocks hold whole groups");
+    T coeff[kGroup];
+    for (std::int64_t row0 = 0; row0 < rows; row0 += kGroup) {
+      const std::int64_t n = std::min(kGroup, rows - row0);
+      for (std::int64_t i = 0; i < n; ++i) coeff[i] = row_coeff(row0 + i);
+      for (std::int64_t i = 0; i < n; ++i) row_update(row0 + i, coeff[i]);
+      const std::int64_t last = row0 + n - 1;
+      if ((last + 1) % kRowBlock == 0 || last + 1 == rows) {
         for (std::int64_t j = 0; j < d; ++j) {
-          dg_acc[j] += static_cast<double>(dgb[j]);
-          dgb[j] = T(0);
+          dg_acc[j] += static_cast<double>(dg_block[j]);
+          dg_block[j] = T(0);
         }
       }
     }
@@ -396,8 +418,7 @@ void swiglu(const Tensor& a, const Tensor& b, Tensor& out) {
   });
 }
 
-void swiglu_backward(const Tensor& a, const Tensor& b, const Tensor& dout, Tensor& da,
-                     Tensor& db) {
+void swiglu_backward(const Tensor& a, const Tensor& b, const Tensor& dout, Tensor& da, Tensor& db) {
   check_contiguous("swiglu_backward", {&a, &b, &dout, &da, &db});
   for (const Tensor* t : std::initializer_list<const Tensor*>{&b, &dout, &da, &db}) {
     check_shape("swiglu_backward", *t, a.shape(), "argument");
@@ -458,7 +479,23 @@ void rope(const Tensor& x, double theta, std::int64_t pos_offset, bool inverse, 
           T* __restrict yr = py + (h * t_len + t) * hd;
           const T* __restrict c = cos_t.data() + t * half;
           const T* __restrict s = sin_t.data() + t * half;
-          for (std::int64_t i = 0; i < half; ++i) {
+          std::int64_t i = 0;
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<T, float>) {
+            for (; i + 16 <= half; i += 16) {
+              const __m512 x0 = _mm512_loadu_ps(xr + i), x1 = _mm512_loadu_ps(xr + i + half);
+              const __m512 ci = _mm512_loadu_ps(c + i), si = _mm512_loadu_ps(s + i);
+              if constexpr (kInverse) {
+                _mm512_storeu_ps(yr + i, _mm512_fmadd_ps(x1, si, _mm512_mul_ps(x0, ci)));
+                _mm512_storeu_ps(yr + i + half, _mm512_fnmadd_ps(x0, si, _mm512_mul_ps(x1, ci)));
+              } else {
+                _mm512_storeu_ps(yr + i, _mm512_fnmadd_ps(x1, si, _mm512_mul_ps(x0, ci)));
+                _mm512_storeu_ps(yr + i + half, _mm512_fmadd_ps(x0, si, _mm512_mul_ps(x1, ci)));
+              }
+            }
+          }
+#endif
+          for (; i < half; ++i) {
             const T x0 = xr[i], x1 = xr[i + half];
             if constexpr (kInverse) {
               yr[i] = x0 * c[i] + x1 * s[i];
@@ -489,8 +526,8 @@ void index_select_rows(const Tensor& src, const Tensor& index, Tensor& out) {
   const std::int64_t n = index.numel();
   const std::int64_t d = rows == 0 ? 0 : src.numel() / rows;
   MOTLEY_CHECK_KIND(kShape, out.numel() == n * d && out.dtype() == src.dtype(),
-                    "cpu index_select_rows: output ", out.str(), " for ", n,
-                    " rows of ", src.str());
+                    "cpu index_select_rows: output ", out.str(), " for ", n, " rows of ",
+                    src.str());
   const std::size_t row_bytes = d * dtype_size(src.dtype());
   const char* ps = static_cast<const char*>(src.raw_data());
   char* po = static_cast<char*>(out.raw_data());
@@ -504,8 +541,8 @@ void index_select_rows(const Tensor& src, const Tensor& index, Tensor& out) {
     const std::size_t prefetch_bytes = std::min<std::size_t>(row_bytes, 4096);
     for (std::int64_t i = 0; i < n; ++i) {
       const std::int64_t r = static_cast<std::int64_t>(pi[i]);
-      MOTLEY_CHECK_KIND(kShape, r >= 0 && r < rows, "index_select_rows: index ", r,
-                        " at position ", i, " outside [0, ", rows, ")");
+      MOTLEY_CHECK_KIND(kShape, r >= 0 && r < rows, "index_select_rows: index ", r, " at position ",
+                        i, " outside [0, ", rows, ")");
       if (i + kAhead < n) {
         const std::int64_t ahead = static_cast<std::int64_t>(pi[i + kAhead]);
         if (ahead >= 0 && ahead < rows) {
@@ -519,8 +556,7 @@ void index_select_rows(const Tensor& src, const Tensor& index, Tensor& out) {
   });
 }
 
-void index_add_rows(const Tensor& src, const Tensor& index, const Tensor& scale,
-                    Tensor& out) {
+void index_add_rows(const Tensor& src, const Tensor& index, const Tensor& scale, Tensor& out) {
   check_contiguous("index_add_rows", {&src, &index, &out});
   if (scale.defined()) check_contiguous("index_add_rows", {&scale});
   MOTLEY_CHECK_KIND(kShape, out.dim() >= 1, "cpu index_add_rows: out ", out.str(),
@@ -528,8 +564,8 @@ void index_add_rows(const Tensor& src, const Tensor& index, const Tensor& scale,
   const std::int64_t rows = out.size(0);
   const std::int64_t n = index.numel();
   const std::int64_t d = rows == 0 ? 0 : out.numel() / rows;
-  MOTLEY_CHECK_KIND(kShape, src.numel() == n * d, "cpu index_add_rows: src ", src.str(),
-                    " for ", n, " indices into ", out.str());
+  MOTLEY_CHECK_KIND(kShape, src.numel() == n * d, "cpu index_add_rows: src ", src.str(), " for ", n,
+                    " indices into ", out.str());
   check_dtype("index_add_rows", src, out.dtype(), "src");
   if (scale.defined()) {
     MOTLEY_CHECK_KIND(kShape, scale.numel() == n, "cpu index_add_rows: scale ", scale.str(),
@@ -544,8 +580,8 @@ void index_add_rows(const Tensor& src, const Tensor& index, const Tensor& scale,
       // Validate first so that a bad index leaves `out` untouched.
       for (std::int64_t i = 0; i < n; ++i) {
         const std::int64_t r = static_cast<std::int64_t>(pi[i]);
-        MOTLEY_CHECK_KIND(kShape, r >= 0 && r < rows, "index_add_rows: index ", r,
-                          " at position ", i, " outside [0, ", rows, ")");
+        MOTLEY_CHECK_KIND(kShape, r >= 0 && r < rows, "index_add_rows: index ", r, " at position ",
+                          i, " outside [0, ", rows, ")");
       }
       const T* ps = cdata<T>(src);
       const T* pscale = scale.defined() ? cdata<T>(scale) : nullptr;
@@ -569,11 +605,11 @@ void index_add_rows(const Tensor& src, const Tensor& index, const Tensor& scale,
 void topk(const Tensor& x, std::int64_t k, Tensor& values, Tensor& indices) {
   check_contiguous("topk", {&x, &values, &indices});
   const std::int64_t n = last_dim(x), rows = row_count(x);
-  MOTLEY_CHECK_KIND(kShape, k >= 0 && k <= n, "topk: k = ", k, " for rows of ", n,
-                    " elements in ", x.str());
+  MOTLEY_CHECK_KIND(kShape, k >= 0 && k <= n, "topk: k = ", k, " for rows of ", n, " elements in ",
+                    x.str());
   MOTLEY_CHECK_KIND(kShape, values.numel() == rows * k && indices.numel() == rows * k,
-                    "cpu topk: outputs ", values.str(), " and ", indices.str(), " for k = ",
-                    k, " of ", x.str());
+                    "cpu topk: outputs ", values.str(), " and ", indices.str(), " for k = ", k,
+                    " of ", x.str());
   check_dtype("topk", values, x.dtype(), "values");
   check_dtype("topk", indices, DType::kI64, "indices");
   dispatch_arith("topk", x.dtype(), [&](auto tag) {

@@ -127,8 +127,8 @@ TYPED_TEST(Fused, SoftmaxBackwardMatchesAnalyticJacobian) {
       }
       for (std::int64_t i = 0; i < n; ++i) {
         // J_softmax = diag(p) - p p^T; J_log_softmax = I - 1 p^T.
-        want[r * n + i] = log ? dyv[r * n + i] - p[r * n + i] * sum
-                              : p[r * n + i] * (dyv[r * n + i] - dot);
+        want[r * n + i] =
+            log ? dyv[r * n + i] - p[r * n + i] * sum : p[r * n + i] * (dyv[r * n + i] - dot);
       }
     }
     expect_close(values(ops::softmax_backward(y, dy, log)), want, 4 * TestFixture::tol(),
@@ -176,9 +176,10 @@ TYPED_TEST(Fused, CrossEntropyForwardBackwardAndIgnore) {
   std::vector<double> want(rows * v);
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t j = 0; j < v; ++j) {
-      want[r * v + j] = tv[r] == -100 ? 0.0
-                                      : dl[r] * (std::exp(xv[r * v + j] - want_lse[r]) -
-                                                 (j == tv[r] ? 1.0 : 0.0));
+      want[r * v + j] =
+          tv[r] == -100
+              ? 0.0
+              : dl[r] * (std::exp(xv[r * v + j] - want_lse[r]) - (j == tv[r] ? 1.0 : 0.0));
     }
   expect_close(values(dx), want, 2 * TestFixture::tol(), "cross_entropy backward");
   // i32 targets give the same answer.
@@ -214,8 +215,7 @@ TEST(FusedF32, SoftmaxAndCrossEntropyLongRowsMatchDouble) {
       // rounding of the f32 argument x - lse (half an ulp of |x - lse|,
       // which exp turns into that relative error); below the smallest
       // normal float, absolute (exactly 0 is allowed there).
-      const double tol =
-          p > 1e-37 ? p * (1e-6 + 6e-8 * std::abs(xv[i] - want_lse)) : p + 1.2e-38;
+      const double tol = p > 1e-37 ? p * (1e-6 + 6e-8 * std::abs(xv[i] - want_lse)) : p + 1.2e-38;
       ASSERT_NEAR(sm[i], p, tol) << "softmax row " << r << " col " << j << " x " << xv[i];
       ASSERT_NEAR(lsm[i], xv[i] - want_lse, 2e-6 * (1 + std::abs(xv[i] - want_lse)));
       const double want_dx = dl[r] * (p - (j == values(targets)[r] ? 1.0 : 0.0));
@@ -263,10 +263,14 @@ TEST(FusedGrad, CrossEntropyBackwardFiniteDifferencesF64) {
 TEST(FusedErrors, CrossEntropyTargetOutOfRange) {
   const Tensor logits = Tensor::zeros({2, 5});
   expect_shape_error(
-      [&] { ops::cross_entropy(logits, Tensor::from_vector<std::int64_t>({1, 5}, {2})); },
+      [&] {
+        ops::cross_entropy(logits, Tensor::from_vector<std::int64_t>({1, 5}, {2}));
+      },
       {"cross_entropy", "target 5", "row 1", "[0, 5)"});
   expect_shape_error(
-      [&] { ops::cross_entropy(logits, Tensor::from_vector<std::int32_t>({-1, 0}, {2})); },
+      [&] {
+        ops::cross_entropy(logits, Tensor::from_vector<std::int32_t>({-1, 0}, {2}));
+      },
       {"target -1"});
   expect_shape_error([&] { ops::cross_entropy(logits, Tensor::zeros({3}, DType::kI64)); },
                      {"cross_entropy", "(2, 5)", "(3,)"});
@@ -278,38 +282,46 @@ TEST(FusedErrors, CrossEntropyTargetOutOfRange) {
 
 TYPED_TEST(Fused, RmsNormForwardAndBackward) {
   using T = TypeParam;
-  const std::int64_t rows = 6, d = 40;
-  const double eps = 1e-5;
-  const Tensor x = random_tensor<T>({2, 3, d}, 9);
-  const Tensor g = random_tensor<T>({d}, 10, 0.5, 1.5);
-  const auto xv = values(x), gv = values(g);
-  auto [y, rstd] = ops::rmsnorm(x, g, eps);
-  EXPECT_EQ(rstd.shape(), (Shape{2, 3}));
-  std::vector<double> want_y(rows * d), want_r(rows);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    double ms = 0;
-    for (std::int64_t j = 0; j < d; ++j) ms += xv[r * d + j] * xv[r * d + j];
-    want_r[r] = 1 / std::sqrt(ms / d + eps);
-    for (std::int64_t j = 0; j < d; ++j) want_y[r * d + j] = xv[r * d + j] * want_r[r] * gv[j];
-  }
-  expect_close(values(y), want_y, TestFixture::tol(), "rmsnorm y");
-  expect_close(values(rstd), want_r, TestFixture::tol(), "rmsnorm rstd");
-
-  const Tensor dy = random_tensor<T>({2, 3, d}, 11);
-  const auto dyv = values(dy);
-  auto [dx, dg] = ops::rmsnorm_backward(x, g, rstd, dy);
-  std::vector<double> want_dx(rows * d), want_dg(d, 0.0);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const double rs = want_r[r];
-    double dot = 0;
-    for (std::int64_t j = 0; j < d; ++j) dot += dyv[r * d + j] * gv[j] * xv[r * d + j];
-    for (std::int64_t j = 0; j < d; ++j) {
-      want_dx[r * d + j] = rs * gv[j] * dyv[r * d + j] - xv[r * d + j] * rs * rs * rs * dot / d;
-      want_dg[j] += dyv[r * d + j] * xv[r * d + j] * rs;
+  // (2, 3) rows: fewer than one row group; (3, 50): several groups and
+  // dg blocks (core/cpu/kernels_fused.cpp); d = 40 and 48: with and
+  // without a tail after the 16-float vectors.
+  for (const auto& [lead, d] :
+       std::vector<std::pair<Shape, std::int64_t>>{{{2, 3}, 40}, {{3, 50}, 48}, {{3, 50}, 40}}) {
+    const std::int64_t rows = shape_numel(lead);
+    const double eps = 1e-5;
+    Shape shape = lead;
+    shape.push_back(d);
+    const Tensor x = random_tensor<T>(shape, 9);
+    const Tensor g = random_tensor<T>({d}, 10, 0.5, 1.5);
+    const auto xv = values(x), gv = values(g);
+    auto [y, rstd] = ops::rmsnorm(x, g, eps);
+    EXPECT_EQ(rstd.shape(), lead);
+    std::vector<double> want_y(rows * d), want_r(rows);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      double ms = 0;
+      for (std::int64_t j = 0; j < d; ++j) ms += xv[r * d + j] * xv[r * d + j];
+      want_r[r] = 1 / std::sqrt(ms / d + eps);
+      for (std::int64_t j = 0; j < d; ++j) want_y[r * d + j] = xv[r * d + j] * want_r[r] * gv[j];
     }
+    expect_close(values(y), want_y, TestFixture::tol(), "rmsnorm y");
+    expect_close(values(rstd), want_r, TestFixture::tol(), "rmsnorm rstd");
+
+    const Tensor dy = random_tensor<T>(shape, 11);
+    const auto dyv = values(dy);
+    auto [dx, dg] = ops::rmsnorm_backward(x, g, rstd, dy);
+    std::vector<double> want_dx(rows * d), want_dg(d, 0.0);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const double rs = want_r[r];
+      double dot = 0;
+      for (std::int64_t j = 0; j < d; ++j) dot += dyv[r * d + j] * gv[j] * xv[r * d + j];
+      for (std::int64_t j = 0; j < d; ++j) {
+        want_dx[r * d + j] = rs * gv[j] * dyv[r * d + j] - xv[r * d + j] * rs * rs * rs * dot / d;
+        want_dg[j] += dyv[r * d + j] * xv[r * d + j] * rs;
+      }
+    }
+    expect_close(values(dx), want_dx, 4 * TestFixture::tol(), "rmsnorm dx");
+    expect_close(values(dg), want_dg, 4 * TestFixture::tol(), "rmsnorm dg");
   }
-  expect_close(values(dx), want_dx, 4 * TestFixture::tol(), "rmsnorm dx");
-  expect_close(values(dg), want_dg, 4 * TestFixture::tol(), "rmsnorm dg");
 }
 
 TEST(FusedGrad, RmsNormFiniteDifferencesF64) {
@@ -319,12 +331,16 @@ TEST(FusedGrad, RmsNormFiniteDifferencesF64) {
   const Tensor dy = Tensor::from_vector(w, {3, 8});
   auto [y, rstd] = ops::rmsnorm(x, g, 1e-5);
   auto [dx, dg] = ops::rmsnorm_backward(x, g, rstd, dy);
-  expect_close(values(dx),
-               numeric_grad([&](const Tensor& t) { return weighted_sum(ops::rmsnorm(t, g, 1e-5).first, w); }, x),
-               1e-7, "rmsnorm dx FD");
-  expect_close(values(dg),
-               numeric_grad([&](const Tensor& t) { return weighted_sum(ops::rmsnorm(x, t, 1e-5).first, w); }, g),
-               1e-7, "rmsnorm dg FD");
+  expect_close(
+      values(dx),
+      numeric_grad([&](const Tensor& t) { return weighted_sum(ops::rmsnorm(t, g, 1e-5).first, w); },
+                   x),
+      1e-7, "rmsnorm dx FD");
+  expect_close(
+      values(dg),
+      numeric_grad([&](const Tensor& t) { return weighted_sum(ops::rmsnorm(x, t, 1e-5).first, w); },
+                   g),
+      1e-7, "rmsnorm dg FD");
 }
 
 TEST(FusedGrad, RmsNormBackendAccumulatesDg) {
@@ -343,8 +359,11 @@ TEST(FusedGrad, RmsNormBackendAccumulatesDg) {
 }
 
 TEST(FusedErrors, RmsNormGainMismatch) {
-  expect_shape_error([] { ops::rmsnorm(Tensor::zeros({2, 4}), Tensor::ones({5}), 1e-5); },
-                     {"rmsnorm", "(2, 4)", "(5,)"});
+  expect_shape_error(
+      [] {
+        ops::rmsnorm(Tensor::zeros({2, 4}), Tensor::ones({5}), 1e-5);
+      },
+      {"rmsnorm", "(2, 4)", "(5,)"});
 }
 
 // ---- SwiGLU ----------------------------------------------------------------------------
@@ -402,8 +421,11 @@ TYPED_TEST(Fused, RopeMatchesFormulaAndInverts) {
   // Position 0 is the identity.
   const Tensor x1 = random_tensor<T>({1, 1, 1, hd}, 22);
   expect_close(values(ops::rope(x1, theta, 0)), values(x1), 0, "rope at position 0");
-  expect_shape_error([&] { ops::rope(random_tensor<T>({1, 1, 2, 5}, 23), theta); },
-                     {"rope", "(1, 1, 2, 5)"});
+  expect_shape_error(
+      [&] {
+        ops::rope(random_tensor<T>({1, 1, 2, 5}, 23), theta);
+      },
+      {"rope", "(1, 1, 2, 5)"});
 }
 
 // ---- row gather / scatter -----------------------------------------------------------------
@@ -443,7 +465,9 @@ TYPED_TEST(Fused, IndexSelectAndIndexAddRows) {
 TEST(FusedErrors, IndexOutOfRange) {
   const Tensor src = Tensor::zeros({4, 3});
   expect_shape_error(
-      [&] { ops::index_select_rows(src, Tensor::from_vector<std::int64_t>({0, 4}, {2})); },
+      [&] {
+        ops::index_select_rows(src, Tensor::from_vector<std::int64_t>({0, 4}, {2}));
+      },
       {"index_select_rows", "index 4", "position 1", "[0, 4)"});
   expect_shape_error(
       [&] { ops::index_select_rows(src, Tensor::from_vector<std::int32_t>({-1}, {1})); },
@@ -451,7 +475,8 @@ TEST(FusedErrors, IndexOutOfRange) {
   Tensor out = Tensor::zeros({2, 3});
   expect_shape_error(
       [&] {
-        ops::index_add_rows_(out, Tensor::ones({2, 3}), Tensor::from_vector<std::int64_t>({1, 2}, {2}));
+        ops::index_add_rows_(out, Tensor::ones({2, 3}),
+                             Tensor::from_vector<std::int64_t>({1, 2}, {2}));
       },
       {"index_add_rows", "index 2"});
   // The failed call left `out` untouched.
@@ -464,8 +489,8 @@ TEST(FusedErrors, IndexOutOfRange) {
 
 TYPED_TEST(Fused, TopkTiesPreferLowerIndex) {
   using T = TypeParam;
-  const Tensor x = Tensor::from_vector<T>({1, 5, 3, 5, 2, 3,    //
-                                           0, 0, 0, 0, 0, 0,    //
+  const Tensor x = Tensor::from_vector<T>({1, 5, 3, 5, 2, 3,  //
+                                           0, 0, 0, 0, 0, 0,  //
                                            -1, 4, 4, 9, 4, -2},
                                           {3, 6});
   auto [v, i] = ops::topk(x, 3);
