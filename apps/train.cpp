@@ -244,11 +244,18 @@ class Trainer {
     if (root_) metrics_log.emplace(run_dir_ + "/metrics.jsonl", step_);
     MetricsLog* metrics = metrics_log ? &*metrics_log : nullptr;
     build_reducer();
-    const double peak = root_ ? measured_peak_flops() : 1.0;
+    // MFU: the step's model FLOPs (all ranks) over world x one rank's
+    // measured sgemm rate (with the BLAS threads it was given; Note [BLAS
+    // threads]). Ranks sharing cores (mpirun --oversubscribe) make this an
+    // underestimate of what the hardware gives.
+    const int world = groups_->layout().world();
+    const double rank_peak = root_ ? measured_peak_flops() : 1.0;
+    const double peak = rank_peak * world;
     print_model_summary();
     if (root_) {
-      std::printf("peak (measured sgemm): %.1f GFLOP/s; MFU is model FLOPs over this peak\n",
-                  peak / 1e9);
+      std::printf("peak (measured sgemm): %.1f GFLOP/s per rank x %d rank(s); MFU is model FLOPs "
+                  "over this peak\n",
+                  rank_peak / 1e9, world);
     }
     const std::int64_t tokens_per_step = tc.batch_size * tc.seq_len;
     auto interval_start = std::chrono::steady_clock::now();
