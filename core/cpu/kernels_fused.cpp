@@ -98,16 +98,41 @@ void softmax(const Tensor& x, Tensor& y, bool log) {
     using T = decltype(tag);
     const T* px = cdata<T>(x);
     T* py = mdata<T>(y);
+    // Outputs larger than the caches go out with streaming stores (as a
+    // large memcpy does): the exps of a row go to a row buffer that stays
+    // in L1, and the scaled row is streamed to y, so y's lines are never
+    // read for ownership (8 bytes of memory traffic per element instead
+    // of 12).
+    constexpr std::int64_t kStreamBytes = std::int64_t{64} << 20;
+    bool stream = false;
+    std::vector<T> row_buf;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      stream = !log && rows * n * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes &&
+               n % 16 == 0 && reinterpret_cast<std::uintptr_t>(py) % 64 == 0;
+      if (stream) row_buf.resize(n);
+    }
+#endif
     for (std::int64_t r = 0; r < rows; ++r) {
       const T* xr = px + r * n;  // (n)
       T* yr = py + r * n;        // (n)
       T m;
       if (row_max(xr, n, &m)) {  // Note [Shifted exp]
-        const double s = exp_shifted(xr, m, T(1), log ? static_cast<T*>(nullptr) : yr, n,
-                                     /*sum=*/true, r + 1 < rows ? xr + n : nullptr);
+        T* e = log ? nullptr : stream ? row_buf.data() : yr;
+        const double s =
+            exp_shifted(xr, m, T(1), e, n, /*sum=*/true, r + 1 < rows ? xr + n : nullptr);
         if (log) {
           const T lse = static_cast<T>(static_cast<double>(m) + std::log(s));
           for (std::int64_t j = 0; j < n; ++j) yr[j] = xr[j] - lse;
+        } else if (stream) {
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<T, float>) {
+            const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / s));
+            for (std::int64_t j = 0; j < n; j += 16) {
+              _mm512_stream_ps(yr + j, _mm512_mul_ps(_mm512_loadu_ps(e + j), inv));
+            }
+          }
+#endif
         } else {
           const T inv = static_cast<T>(1.0 / s);
           for (std::int64_t j = 0; j < n; ++j) yr[j] *= inv;
@@ -124,6 +149,9 @@ void softmax(const Tensor& x, Tensor& y, bool log) {
         for (std::int64_t j = 0; j < n; ++j) yr[j] *= inv;
       }
     }
+#if defined(__AVX512F__)
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered
+#endif
   });
 }
 

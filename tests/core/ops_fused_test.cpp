@@ -225,6 +225,25 @@ TEST(FusedF32, SoftmaxAndCrossEntropyLongRowsMatchDouble) {
   }
 }
 
+// A softmax output of 64 MiB goes out through streaming stores
+// (core/cpu/kernels_fused.cpp); sampled rows against double.
+TEST(FusedF32, SoftmaxLargeOutputStreams) {
+  const std::int64_t rows = 4096, n = 4096;
+  const Tensor x = random_tensor<float>({rows, n}, 21, -30.0, 10.0);
+  const Tensor y = ops::softmax(x);
+  const float* px = static_cast<const float*>(x.raw_data());
+  const float* py = static_cast<const float*>(y.raw_data());
+  for (std::int64_t r : {0L, 1L, 777L, 2048L, 4095L}) {
+    double m = -1e300, s = 0;
+    for (std::int64_t j = 0; j < n; ++j) m = std::max(m, double(px[r * n + j]));
+    for (std::int64_t j = 0; j < n; ++j) s += std::exp(px[r * n + j] - m);
+    for (std::int64_t j = 0; j < n; ++j) {
+      const double p = std::exp(px[r * n + j] - m) / s;
+      ASSERT_NEAR(py[r * n + j], p, 5e-6 * p + 1e-37) << "row " << r << " col " << j;
+    }
+  }
+}
+
 // Non-finite logits take the general path and propagate: a NaN makes its
 // row NaN, -inf entries get probability 0, an all -inf or +inf row is NaN.
 TEST(FusedF32, SoftmaxNonFiniteRows) {
