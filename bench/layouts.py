@@ -63,7 +63,7 @@ def run_layout(args, name, dp, ep, pp):
     run_dir = os.path.join(args.out, name)
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = [f"train.steps={args.steps}", "train.log_every=1", "train.eval_every=0",
-            "train.ckpt_every=0", f"train.micro_batches={args.micro_batches}",
+            "train.ckpt_every=0", "data.valid=", f"train.micro_batches={args.micro_batches}",
             f"parallel.dp={dp}", f"parallel.ep={ep}", f"parallel.pp={pp}"]
     if args.placement:
         sets.append(f"parallel.placement={args.placement}")
