@@ -196,7 +196,7 @@ class Trainer {
                              config_.parallel.placement == "balanced"
                          ? config_.parallel.replace_every
                          : 0;
-    window_tokens_.assign(replace_every_ > 0 ? m.moe.n_experts : 0, 0.0);
+    window_tokens_.clear();  // (MoE layers, E), sized by the first step's statistics
     fault_ = fault_injection_from_env();
   }
 
@@ -581,22 +581,26 @@ class Trainer {
     }
   }
 
-  // Adds the step's routed tokens (world-reduced, summed over every MoE
-  // layer: the one owner map serves them all) to the window and, every
+  // Adds the step's routed tokens (world-reduced, per MoE layer: the one
+  // owner map serves them all, Note [Re-placement]) to the window and, every
   // replace_every steps, decides and migrates. Returns the metrics row's
   // "placement" field when the map changed. Collective over the world.
   std::optional<Json> maybe_replace(std::int64_t step, const StepResult& r) {
     const std::int64_t n_experts = config_.model.moe.n_experts;
-    for (const MoELayerStats& s : r.moe) {
+    // r.moe holds every MoE layer of the model (world-reduced), in order.
+    if (window_tokens_.size() != r.moe.size()) {
+      window_tokens_.assign(r.moe.size(), std::vector<double>(n_experts, 0.0));
+    }
+    for (std::size_t l = 0; l < r.moe.size(); ++l) {
       for (std::int64_t e = 0; e < n_experts; ++e) {
-        window_tokens_[e] += static_cast<double>(s.expert_tokens[e]);
+        window_tokens_[l][e] += static_cast<double>(r.moe[l].expert_tokens[e]);
       }
     }
     if (step % replace_every_ != 0) return std::nullopt;
     const int ep = groups_->layout().ep;
     const par::ReplacementDecision d =
         par::decide_replacement(owner_, window_tokens_, model_.expert_sizes(), ep);
-    window_tokens_.assign(n_experts, 0.0);
+    for (std::vector<double>& layer : window_tokens_) layer.assign(n_experts, 0.0);
     // The counts are exact integers reduced identically on every rank, so
     // every rank computes the same decision; world rank 0's is the one
     // applied all the same, so the ranks cannot diverge.
@@ -623,14 +627,16 @@ class Trainer {
     field["rank_load_before"] = load_before;
     field["rank_load_after"] = load_after;
     field["rank_expert_params"] = params;
+    field["cost_before"] = d.current_max;
+    field["cost_after"] = d.candidate_max;
     if (root_) {
-      const double before_max = *std::max_element(load_before.begin(), load_before.end());
-      const double after_max = *std::max_element(load_after.begin(), load_after.end());
       std::printf("re-placement at step %lld (routing of the last %lld steps, load = tokens * "
-                  "h_e): max per-rank load %s -> %s (%.1f%% lower), experts {%s} move\n",
+                  "h_e): expert cost (sum over MoE layers of the busiest rank's load) %s -> %s "
+                  "(%.1f%% lower), experts {%s} move\n",
                   static_cast<long long>(step), static_cast<long long>(replace_every_),
-                  format_count(before_max).c_str(), format_count(after_max).c_str(),
-                  100.0 * (1.0 - after_max / before_max), absl::StrJoin(moved, ", ").c_str());
+                  format_count(d.current_max).c_str(), format_count(d.candidate_max).c_str(),
+                  100.0 * (1.0 - d.candidate_max / d.current_max),
+                  absl::StrJoin(moved, ", ").c_str());
       for (int rank = 0; rank < ep; ++rank) {
         std::printf("  ep_rank %d: experts {%s}, %s expert parameters per MoE layer, load %s -> "
                     "%s\n",
@@ -977,7 +983,8 @@ class Trainer {
   std::unique_ptr<Transformer> full_model_;  // rank 0, gathered for evaluation
   std::unique_ptr<AdamW> full_optim_;
   std::int64_t replace_every_ = 0;     // 0: the owner map never changes
-  std::vector<double> window_tokens_;  // (E) routed tokens since the last decision
+  // (MoE layers, E) routed tokens since the last decision.
+  std::vector<std::vector<double>> window_tokens_;
   FaultInjection fault_;               // Note [Fault injection]
   std::int64_t step_ = 0;
   std::int64_t tokens_seen_ = 0;

@@ -183,15 +183,77 @@ def max_rank_load(owner, load, ep):
     return max(s)
 
 
-def decide_replacement(current, tokens, sizes, ep, min_gain=0.05):
-    """Port of parallel::decide_replacement (Note [Re-placement]): the LPT map
-    of load_e = tokens_e * h_e, adopted only if it lowers the largest
-    per-rank load by at least min_gain. Returns (replace, candidate)."""
-    load = [float(tokens[e]) * float(sizes[e]) for e in range(len(sizes))]
-    candidate = place_balanced(load, ep)
-    current_max = max_rank_load(current, load, ep)
-    candidate_max = max_rank_load(candidate, load, ep)
-    return current_max > 0 and candidate_max <= (1.0 - min_gain) * current_max, candidate
+def layered_max_load(owner, layer_load, ep):
+    """Port of parallel::layered_max_load: sum over layers of each layer's
+    largest per-rank load (Note [Re-placement])."""
+    return sum(max_rank_load(owner, load, ep) for load in layer_load)
+
+
+def improve_by_swaps(owner, layer_load, ep, max_passes=64):
+    """Port of parallel::improve_by_swaps: apply the pairwise swap that lowers
+    layered_max_load the most (ties: first (a, b)) until none does."""
+    owner = list(owner)
+    n = len(owner)
+    sums = []
+    for load in layer_load:
+        s = [0.0] * ep
+        for e, o in enumerate(owner):
+            s[o] += load[e]
+        sums.append(s)
+
+    def layer_max(l, ra, va, rb, vb):
+        m = 0.0
+        for r in range(ep):
+            m = max(m, va if r == ra else vb if r == rb else sums[l][r])
+        return m
+
+    cost = sum(layer_max(l, -1, 0.0, -1, 0.0) for l in range(len(layer_load)))
+    for _ in range(max_passes):
+        best, best_a, best_b = cost, None, None
+        for a in range(n):
+            for b in range(a + 1, n):
+                ra, rb = owner[a], owner[b]
+                if ra == rb:
+                    continue
+                c = 0.0
+                for l, load in enumerate(layer_load):
+                    if not c < best:
+                        break
+                    d = load[b] - load[a]
+                    c += layer_max(l, ra, sums[l][ra] + d, rb, sums[l][rb] - d)
+                if c < best:
+                    best, best_a, best_b = c, a, b
+        if best_a is None:
+            break
+        ra, rb = owner[best_a], owner[best_b]
+        for l, load in enumerate(layer_load):
+            d = load[best_b] - load[best_a]
+            sums[l][ra] += d
+            sums[l][rb] -= d
+        owner[best_a], owner[best_b] = rb, ra
+        cost = best
+    return owner
+
+
+def decide_replacement(current, layer_tokens, sizes, ep, min_gain=0.05):
+    """Port of parallel::decide_replacement (Note [Re-placement]): the cheaper
+    of two swap searches (from the LPT map of the layer-summed load, and from
+    the current map; ties: the latter) under the per-layer cost, adopted only
+    if it lowers that cost by at least min_gain. `layer_tokens` is (L, E), or
+    one list of E for a single layer. Returns (replace, candidate)."""
+    if layer_tokens and not hasattr(layer_tokens[0], "__len__"):
+        layer_tokens = [layer_tokens]
+    n = len(sizes)
+    layer_load = [[float(t[e]) * float(sizes[e]) for e in range(n)] for t in layer_tokens]
+    summed = [sum(layer[e] for layer in layer_load) for e in range(n)]
+    from_lpt = improve_by_swaps(place_balanced(summed, ep), layer_load, ep)
+    from_current = improve_by_swaps(current, layer_load, ep)
+    cost_lpt = layered_max_load(from_lpt, layer_load, ep)
+    cost_current = layered_max_load(from_current, layer_load, ep)
+    candidate = from_lpt if cost_lpt < cost_current else from_current
+    candidate_cost = min(cost_lpt, cost_current)
+    current_cost = layered_max_load(current, layer_load, ep)
+    return current_cost > 0 and candidate_cost <= (1.0 - min_gain) * current_cost, candidate
 
 
 def replay_replacement(run, sizes, ep, every, min_gain, before_step):
@@ -202,13 +264,13 @@ def replay_replacement(run, sizes, ep, every, min_gain, before_step):
     owner = place_experts("balanced", sizes, ep)
     if every <= 0 or ep == 1:
         return owner
-    window = np.zeros(len(sizes))
+    window = np.zeros(run.counts.shape[1:])  # (L, E): the trainer keeps layers apart
     for step, counts in zip(run.steps, run.counts):
         if step >= before_step:
             break
-        window += counts.sum(axis=0)
+        window += counts
         if step % every == 0:
-            replace, candidate = decide_replacement(owner, list(window), sizes, ep, min_gain)
+            replace, candidate = decide_replacement(owner, window.tolist(), sizes, ep, min_gain)
             if replace:
                 owner = candidate
             window[:] = 0.0
@@ -837,9 +899,16 @@ def self_test():
     assert place_experts("balanced", hm, 4) == [0, 1, 2, 3, 3, 2, 1, 0]  # no statistics: load = h_e
     assert place_experts("balanced", [320] * 8, 2, [5, 5, 5, 5, 5, 5, 5, 5]) == [0, 1, 0, 1, 0, 1, 0, 1]
 
-    # Re-placement: LPT candidate adopted only for a gain of at least 5 %.
+    # Re-placement: a candidate adopted only for a gain of at least 5 %; on a
+    # tie between the two searches, the one from the current map.
     rep, cand = decide_replacement([0, 0, 1, 1], [10, 10, 1, 1], [8, 8, 8, 8], 2)
-    assert rep and cand == [0, 1, 0, 1], (rep, cand)  # 160 -> 88
+    assert rep and cand == [1, 0, 0, 1], (rep, cand)  # 160 -> 88
+    # Per-layer cost: two layers hot on different experts (C++ unit test
+    # Replacement.CostIsPerLayerAndSwapsFindTheBetterMap).
+    layers = [[100, 100, 10, 10], [10, 10, 100, 100]]
+    assert layered_max_load([0, 0, 1, 1], layers, 2) == 400.0
+    rep, cand = decide_replacement([0, 0, 1, 1], layers, [1, 1, 1, 1], 2)
+    assert rep and layered_max_load(cand, layers, 2) == 220.0, (rep, cand)
     rep, cand = decide_replacement([0, 1, 0, 1], [10, 9, 10, 10], [8, 8, 8, 8], 2)
     assert not rep  # 160 vs the candidate's 160 (or 152): below the 5 % gain
 

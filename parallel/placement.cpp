@@ -118,6 +118,99 @@ double max_rank_load(const std::vector<int>& owner, const std::vector<double>& l
   return *std::max_element(sum.begin(), sum.end());
 }
 
+double layered_max_load(const std::vector<int>& owner,
+                        const std::vector<std::vector<double>>& layer_load, int ep) {
+  double cost = 0.0;
+  for (const std::vector<double>& load : layer_load) cost += max_rank_load(owner, load, ep);
+  return cost;
+}
+
+std::vector<int> improve_by_swaps(std::vector<int> owner,
+                                  const std::vector<std::vector<double>>& layer_load, int ep,
+                                  int max_passes) {
+  const std::size_t n = owner.size();
+  const std::size_t layers = layer_load.size();
+  for (const std::vector<double>& load : layer_load) {
+    MOTLEY_CHECK(load.size() == n, "placement for ", n, " experts, a layer's load for ",
+                 load.size());
+  }
+  // sums[l][r]: layer l's load on rank r, updated as swaps are applied. The
+  // loads are integers times sizes, exact in double, so comparisons are
+  // exact and every rank finds the same swaps.
+  std::vector<std::vector<double>> sums(layers);
+  for (std::size_t l = 0; l < layers; ++l) sums[l] = rank_loads(owner, layer_load[l], ep);
+  auto layer_max = [&](std::size_t l, int ra, double va, int rb, double vb) {
+    double m = 0.0;
+    for (int r = 0; r < ep; ++r) {
+      m = std::max(m, r == ra ? va : r == rb ? vb : sums[l][r]);
+    }
+    return m;
+  };
+  double cost = 0.0;
+  for (std::size_t l = 0; l < layers; ++l) cost += layer_max(l, -1, 0, -1, 0);
+  for (int pass = 0; pass < max_passes; ++pass) {
+    double best = cost;
+    std::size_t best_a = n, best_b = n;
+    for (std::size_t a = 0; a < n; ++a) {
+      for (std::size_t b = a + 1; b < n; ++b) {
+        const int ra = owner[a], rb = owner[b];
+        if (ra == rb) continue;
+        double c = 0.0;
+        for (std::size_t l = 0; l < layers && c < best; ++l) {
+          const double d = layer_load[l][b] - layer_load[l][a];
+          c += layer_max(l, ra, sums[l][ra] + d, rb, sums[l][rb] - d);
+        }
+        if (c < best) {
+          best = c;
+          best_a = a;
+          best_b = b;
+        }
+      }
+    }
+    if (best_a == n) break;
+    const int ra = owner[best_a], rb = owner[best_b];
+    for (std::size_t l = 0; l < layers; ++l) {
+      const double d = layer_load[l][best_b] - layer_load[l][best_a];
+      sums[l][ra] += d;
+      sums[l][rb] -= d;
+    }
+    std::swap(owner[best_a], owner[best_b]);
+    cost = best;
+  }
+  return owner;
+}
+
+ReplacementDecision decide_replacement(const std::vector<int>& current,
+                                       const std::vector<std::vector<double>>& layer_tokens,
+                                       const std::vector<std::int64_t>& sizes, int ep,
+                                       double min_gain) {
+  const std::size_t n = sizes.size();
+  MOTLEY_CHECK(current.size() == n, "placement for ", current.size(), " experts, sizes for ", n);
+  std::vector<std::vector<double>> layer_load(layer_tokens.size(), std::vector<double>(n, 0.0));
+  ReplacementDecision d;
+  d.load.assign(n, 0.0);
+  for (std::size_t l = 0; l < layer_tokens.size(); ++l) {
+    MOTLEY_CHECK(layer_tokens[l].size() == n, "tokens for ", layer_tokens[l].size(),
+                 " experts in a layer, sizes for ", n);
+    for (std::size_t e = 0; e < n; ++e) {
+      layer_load[l][e] = layer_tokens[l][e] * static_cast<double>(sizes[e]);
+      d.load[e] += layer_load[l][e];
+    }
+  }
+  // Note [Re-placement]: the cheaper of the two local searches (ties: the
+  // one from the current map, which moves fewer experts).
+  const std::vector<int> from_lpt = improve_by_swaps(place_balanced(d.load, ep), layer_load, ep);
+  const std::vector<int> from_current = improve_by_swaps(current, layer_load, ep);
+  const double cost_lpt = layered_max_load(from_lpt, layer_load, ep);
+  const double cost_current = layered_max_load(from_current, layer_load, ep);
+  d.candidate = cost_lpt < cost_current ? from_lpt : from_current;
+  d.candidate_max = std::min(cost_lpt, cost_current);
+  d.current_max = layered_max_load(current, layer_load, ep);
+  // Only a clear gain pays for the migration.
+  d.replace = d.current_max > 0 && d.candidate_max <= (1.0 - min_gain) * d.current_max;
+  return d;
+}
+
 ReplacementDecision decide_replacement(const std::vector<int>& current,
                                        const std::vector<double>& tokens,
                                        const std::vector<std::int64_t>& sizes, int ep,
@@ -125,17 +218,8 @@ ReplacementDecision decide_replacement(const std::vector<int>& current,
   MOTLEY_CHECK(current.size() == tokens.size() && tokens.size() == sizes.size(), "placement for ",
                current.size(), " experts, tokens for ", tokens.size(), ", sizes for ",
                sizes.size());
-  ReplacementDecision d;
-  d.load.resize(sizes.size());
-  for (std::size_t e = 0; e < sizes.size(); ++e) {
-    d.load[e] = tokens[e] * static_cast<double>(sizes[e]);
-  }
-  d.candidate = place_balanced(d.load, ep);
-  d.current_max = max_rank_load(current, d.load, ep);
-  d.candidate_max = max_rank_load(d.candidate, d.load, ep);
-  // Note [Re-placement]: only a clear gain pays for the migration.
-  d.replace = d.current_max > 0 && d.candidate_max <= (1.0 - min_gain) * d.current_max;
-  return d;
+  return decide_replacement(current, std::vector<std::vector<double>>{tokens}, sizes, ep,
+                            min_gain);
 }
 
 std::vector<ExpertMove> expert_moves(const std::vector<int>& from, const std::vector<int>& to) {

@@ -13,11 +13,19 @@
 //
 // Note [Re-placement]
 // `balanced` starts from the sizes alone (tokens_e = 1). Every
-// parallel.replace_every steps the trainer sums the world-reduced routed
-// tokens per expert over all MoE layers since the last decision (the
-// window), sets load_e = tokens_e * h_e, and computes the LPT candidate
-// place_balanced(load, ep). It re-places only when the candidate lowers
-// the largest per-rank load of the window by at least kReplaceMinGain
+// parallel.replace_every steps the trainer takes the world-reduced routed
+// tokens per MoE layer and expert since the last decision (the window)
+// and sets load_{l,e} = tokens_{l,e} * h_e. One owner map serves every
+// layer, and each layer's exchange waits for that layer's busiest rank, so
+// the cost of a map is the step's expert time up to a constant:
+//   cost(map) = sum over layers l of max over ranks r of sum_{e on r} load_{l,e}
+// (layered_max_load; for one layer it is the largest per-rank load). The
+// candidate is the cheaper of two local searches by pairwise swaps
+// (improve_by_swaps), one from the LPT map of the layer-summed load
+// (place_balanced) and one from the current map; LPT on the summed load
+// alone can be worse than the current map on this cost, because layers
+// that peak on different experts cancel in the sum. The trainer re-places
+// only when the candidate lowers the cost by at least kReplaceMinGain
 // (5 %) of the current map's: a migration moves parameters and AdamW
 // moments, so a marginal gain (or routing noise between windows) is not
 // worth it, and the hysteresis keeps the map from flapping between two
@@ -78,16 +86,35 @@ inline constexpr double kReplaceMinGain = 0.05;
 
 struct ReplacementDecision {
   bool replace = false;           // adopt `candidate`
-  std::vector<int> candidate;     // place_balanced(load, ep)
-  std::vector<double> load;       // load_e = tokens_e * h_e of the window
-  double current_max = 0.0;       // max_rank_load(current, load, ep)
-  double candidate_max = 0.0;     // max_rank_load(candidate, load, ep)
+  std::vector<int> candidate;     // the better local search (Note [Re-placement])
+  std::vector<double> load;       // load_e = sum_l tokens_{l,e} * h_e of the window
+  double current_max = 0.0;       // layered_max_load of the current map
+  double candidate_max = 0.0;     // layered_max_load of the candidate
 };
 
-// Whether to leave `current` for the LPT map of the window's measured
-// load: replace iff candidate_max <= (1 - min_gain) * current_max (and
-// current_max > 0; an empty window keeps the map). `tokens` (E) are routed
-// tokens per expert, `sizes` (E) the hidden sizes h_e.
+// cost(map) of Note [Re-placement]: the sum over layers of each layer's
+// largest per-rank load. layer_load[l][e]; every row has E entries.
+double layered_max_load(const std::vector<int>& owner,
+                        const std::vector<std::vector<double>>& layer_load, int ep);
+
+// Local search from `start`: repeatedly applies the swap of two experts on
+// different ranks that lowers layered_max_load the most (ties: the first
+// pair in (a, b) order), until no swap lowers it or after max_passes
+// swaps. Keeps E/ep experts per rank. Deterministic.
+std::vector<int> improve_by_swaps(std::vector<int> start,
+                                  const std::vector<std::vector<double>>& layer_load, int ep,
+                                  int max_passes = 64);
+
+// Whether to leave `current` for the candidate of Note [Re-placement]:
+// replace iff candidate_max <= (1 - min_gain) * current_max (and
+// current_max > 0; an empty window keeps the map). `layer_tokens[l][e]`
+// are routed tokens per MoE layer and expert, `sizes` (E) the hidden sizes.
+ReplacementDecision decide_replacement(const std::vector<int>& current,
+                                       const std::vector<std::vector<double>>& layer_tokens,
+                                       const std::vector<std::int64_t>& sizes, int ep,
+                                       double min_gain = kReplaceMinGain);
+// One layer (or tokens already summed over layers): the cost is the
+// largest per-rank load.
 ReplacementDecision decide_replacement(const std::vector<int>& current,
                                        const std::vector<double>& tokens,
                                        const std::vector<std::int64_t>& sizes, int ep,

@@ -166,6 +166,57 @@ TEST(Placement, BalancedBeatsContiguousOnSkewedLoad) {
   EXPECT_EQ(via, balanced);
 }
 
+// Note [Re-placement]: the cost is per layer. Two layers peak on different
+// experts: layer 0 on experts 0 and 1, layer 1 on experts 2 and 3. Summed
+// over layers all four look alike (110 each), so the summed load cannot
+// tell {0,1 | 2,3} (each layer's two hot experts on one rank: cost
+// 200 + 200) from {0,2 | 1,3} (cost 110 + 110).
+TEST(Replacement, CostIsPerLayerAndSwapsFindTheBetterMap) {
+  const std::vector<std::vector<double>> layers = {{100, 100, 10, 10}, {10, 10, 100, 100}};
+  EXPECT_DOUBLE_EQ(layered_max_load({0, 0, 1, 1}, layers, 2), 200.0 + 200.0);
+  EXPECT_DOUBLE_EQ(layered_max_load({0, 1, 0, 1}, layers, 2), 110.0 + 110.0);
+  // A single layer: the largest per-rank load.
+  EXPECT_DOUBLE_EQ(layered_max_load({0, 0, 1, 1}, {layers[0]}, 2), 200.0);
+
+  const std::vector<int> improved = improve_by_swaps({0, 0, 1, 1}, layers, 2);
+  expect_valid_owner(improved, 2);
+  EXPECT_DOUBLE_EQ(layered_max_load(improved, layers, 2), 220.0);
+  EXPECT_NE(improved[0], improved[1]);
+  EXPECT_NE(improved[2], improved[3]);
+  // A local minimum stays put.
+  EXPECT_EQ(improve_by_swaps({0, 1, 0, 1}, layers, 2), (std::vector<int>{0, 1, 0, 1}));
+
+  const ReplacementDecision d = decide_replacement({0, 0, 1, 1}, layers, {1, 1, 1, 1}, 2);
+  EXPECT_TRUE(d.replace);
+  EXPECT_DOUBLE_EQ(d.current_max, 400.0);
+  EXPECT_DOUBLE_EQ(d.candidate_max, 220.0);
+  EXPECT_EQ(d.load, (std::vector<double>{110, 110, 110, 110}));
+  // Already at the optimum: nothing to gain, nothing moves.
+  EXPECT_FALSE(decide_replacement({0, 1, 0, 1}, layers, {1, 1, 1, 1}, 2).replace);
+}
+
+TEST(Replacement, SwapSearchNeverWorseThanItsStartAndKeepsCounts) {
+  // Random skewed loads over 3 layers, E = 16, ep = 4: the search from any
+  // start ends at a cost <= the start's, with E/ep experts per rank.
+  std::uint64_t state = 12345;
+  auto next = [&] {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<double>((state >> 33) % 1000);
+  };
+  for (int trial = 0; trial < 20; ++trial) {
+    std::vector<std::vector<double>> layers(3, std::vector<double>(16));
+    for (auto& layer : layers) {
+      for (double& v : layer) v = next() * (next() < 200 ? 10 : 1);
+    }
+    for (const std::vector<int>& start :
+         {place_contiguous(16, 4), place_balanced(layers[0], 4)}) {
+      const std::vector<int> out = improve_by_swaps(start, layers, 4);
+      expect_valid_owner(out, 4);
+      EXPECT_LE(layered_max_load(out, layers, 4), layered_max_load(start, layers, 4));
+    }
+  }
+}
+
 // Note [Re-placement]: the hysteresis rule on hand-computed loads.
 TEST(Replacement, ReplacesOnlyForAtLeastFivePercentLowerMaxLoad) {
   const std::vector<std::int64_t> sizes = {8, 8, 8, 8};
