@@ -44,6 +44,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import scaling  # noqa: E402  (bench/scaling.py: the expert-size rounding)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -208,39 +211,9 @@ def is_moe_layer(moe, layer):
     return layer % moe["every"] == moe["every"] - 1
 
 
-# ---- expert sizes (port of layers/expert_sizes.cpp) ------------------------------------
-
-
-def round_sizes_keeping_total(raw, total, multiple):
-    n = len(raw)
-    if not (multiple >= 1 and total % multiple == 0):
-        raise ConfigError(f"total {total} is not a multiple of {multiple}")
-    units = total // multiple
-    if units < n:
-        raise ConfigError(f"cannot give {n} experts at least {multiple} hidden units each "
-                          f"from a total of {total}")
-    raw_sum = 0.0
-    for r in raw:  # std::accumulate order
-        raw_sum += r
-    out, remainder, assigned = [0] * n, [0.0] * n, 0
-    for i in range(n):
-        exact = raw[i] / raw_sum * float(units)
-        out[i] = max(1, int(math.floor(exact)))
-        remainder[i] = exact - float(out[i])
-        assigned += out[i]
-    order = sorted(range(n), key=lambda i: -remainder[i])  # stable: ties to the lower index
-    i = 0
-    while assigned < units:
-        out[order[i]] += 1
-        assigned += 1
-        i = (i + 1) % n
-    i = n - 1
-    while assigned > units:
-        if out[order[i]] > 1:
-            out[order[i]] -= 1
-            assigned -= 1
-        i = (i + n - 1) % n
-    return [s * multiple for s in out]
+# ---- expert sizes (layers/expert_sizes.cpp) ------------------------------------------
+# The rounding itself is bench/scaling.py's port; here only the config
+# checks, with the error messages motley gives.
 
 
 def expert_hidden_sizes(moe, scheme=None):
@@ -250,30 +223,19 @@ def expert_hidden_sizes(moe, scheme=None):
         return []
     if isinstance(scheme, list):
         return list(scheme)
-    if scheme == "uniform":
-        return [moe["expert_hidden"]] * e
-    raw = [0.0] * e
-    if scheme == "modse":
-        if e % 2:
-            raise ConfigError(f"model.moe.expert_sizes = modse needs an even n_experts, got {e}")
-        pairs = e // 2
-        for i in range(pairs):
-            if e == 8:
-                big = [1.8, 1.6, 1.2, 1.0][i]
-            else:
-                big = 1.8 if pairs == 1 else 1.8 - 0.8 * float(i) / (pairs - 1)
-            raw[2 * i] = big
-            raw[2 * i + 1] = 2.0 - big
-    elif scheme == "arithmetic":
-        for i in range(e):
-            raw[i] = 9.0 + 2.0 * i
-    else:
+    if scheme == "modse" and e % 2:
+        raise ConfigError(f"model.moe.expert_sizes = modse needs an even n_experts, got {e}")
+    if scheme not in ("uniform", "modse", "arithmetic"):
         raise ConfigError(f"unknown model.moe.expert_sizes '{scheme}'")
-    total = e * moe["expert_hidden"]
-    if total % moe["size_multiple"]:
-        raise ConfigError(f"n_experts * expert_hidden = {total} must be a multiple of "
-                          f"model.moe.size_multiple = {moe['size_multiple']}")
-    return round_sizes_keeping_total(raw, total, moe["size_multiple"])
+    total, multiple = e * moe["expert_hidden"], moe["size_multiple"]
+    if scheme != "uniform":
+        if total % multiple:
+            raise ConfigError(f"n_experts * expert_hidden = {total} must be a multiple of "
+                              f"model.moe.size_multiple = {multiple}")
+        if total // multiple < e:
+            raise ConfigError(f"cannot give {e} experts at least {multiple} hidden units each "
+                              f"from a total of {total}")
+    return scaling.expert_hidden_sizes(scheme, e, moe["expert_hidden"], multiple)
 
 
 # ---- the model ---------------------------------------------------------------------------
