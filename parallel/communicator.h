@@ -4,7 +4,7 @@
 //   MpiCommunicator    an MPI communicator (MPI_COMM_WORLD or a split of it)
 //   LocalCommunicator  size 1: collectives are identities, so a single
 //                      process runs the parallel code paths unchanged
-//   (NcclCommunicator  later: the interface names no device)
+//   NcclCommunicator   CUDA tensors over NCCL (nccl_communicator.h, CUDA builds)
 //
 // Communicators are values handed to whoever needs them (ProcessGroups in
 // process_groups.h), never globals. Every call is collective over the
