@@ -121,8 +121,28 @@ bool unary_exp_contiguous(UnaryOp op, const Tensor& a, Tensor& out) {
       cpu::exp_affine(x, T(1), T(0), y, n);
       return true;
     case UnaryOp::kSigmoid:
-    case UnaryOp::kSilu:
-      for (std::int64_t i0 = 0; i0 < n; i0 += cpu::kChunk) {
+    case UnaryOp::kSilu: {
+      const bool silu = op == UnaryOp::kSilu;
+      std::int64_t i0 = 0;  // first element left to the generic loop
+#if defined(MOTLEY_CPU_AVX512)
+      if constexpr (std::is_same_v<T, float>) {  // Note [Vector sigmoid]
+        for (; i0 < n; i0 += 16) {
+          const __mmask16 k = cpu::lanes_left_mask(n - i0);
+          const __m512 v = _mm512_maskz_loadu_ps(k, x + i0);
+          const __m512 s = cpu::sigmoid_avx512(v);
+          _mm512_mask_storeu_ps(y + i0, k, silu ? _mm512_mul_ps(v, s) : s);
+        }
+      }
+#elif defined(MOTLEY_CPU_AVX2)
+      if constexpr (std::is_same_v<T, float>) {
+        for (; i0 + 8 <= n; i0 += 8) {
+          const __m256 v = _mm256_loadu_ps(x + i0);
+          const __m256 s = cpu::sigmoid_avx2(v);
+          _mm256_storeu_ps(y + i0, silu ? _mm256_mul_ps(v, s) : s);
+        }
+      }
+#endif
+      for (; i0 < n; i0 += cpu::kChunk) {
         const std::int64_t c = std::min(cpu::kChunk, n - i0);
         T e[cpu::kChunk];  // e^-x of the chunk
         cpu::exp_affine(x + i0, T(-1), T(0), e, c);
@@ -133,6 +153,7 @@ bool unary_exp_contiguous(UnaryOp op, const Tensor& a, Tensor& out) {
         }
       }
       return true;
+    }
     default:
       return false;
   }

@@ -303,9 +303,11 @@ TYPED_TEST(Fused, RmsNormForwardAndBackward) {
   using T = TypeParam;
   // (2, 3) rows: fewer than one row group; (3, 50): several groups and
   // dg blocks (core/cpu/kernels_fused.cpp); d = 40 and 48: with and
-  // without a tail after the 16-float vectors.
-  for (const auto& [lead, d] :
-       std::vector<std::pair<Shape, std::int64_t>>{{{2, 3}, 40}, {{3, 50}, 48}, {{3, 50}, 40}}) {
+  // without a tail after the 16-float vectors; d = 501: 31 vectors, every
+  // column-tile width of the backward (16, 8, 4, 2, 1 vectors) and a
+  // tail; d = 512: two full tiles.
+  for (const auto& [lead, d] : std::vector<std::pair<Shape, std::int64_t>>{
+           {{2, 3}, 40}, {{3, 50}, 48}, {{3, 50}, 40}, {{3, 50}, 501}, {{2, 3}, 512}}) {
     const std::int64_t rows = shape_numel(lead);
     const double eps = 1e-5;
     Shape shape = lead;
@@ -405,6 +407,67 @@ TYPED_TEST(Fused, SwigluForwardBackward) {
   expect_close(values(da), want_da, 4 * TestFixture::tol(), "swiglu da");
   expect_close(values(db), want_db, 4 * TestFixture::tol(), "swiglu db");
   expect_shape_error([&] { ops::swiglu(a, b.narrow(1, 0, 32)); }, {"swiglu", "(5, 32)"});
+}
+
+TEST(FusedF32, SwigluAndSigmoidAcrossTheFloatRange) {
+  // The float kernels take sigmoid without a division (Note [Vector
+  // sigmoid]): hold SwiGLU forward/backward, sigmoid and silu to a few ulp
+  // of double over [-86, 88] (both signs of the reciprocal trick, vector
+  // bodies and masked tails), and check the special values.
+  std::vector<float> xs;
+  for (int i = 0; i <= 17400; ++i) xs.push_back(-86.0f + 0.01f * static_cast<float>(i));
+  for (float v : {-1000.0f, -88.0f, 1000.0f, std::numeric_limits<float>::infinity(),
+                  std::numeric_limits<float>::quiet_NaN(), 0.0f, -0.0f}) {
+    xs.push_back(v);
+  }
+  const std::int64_t n = static_cast<std::int64_t>(xs.size());  // not a multiple of 16
+  std::vector<float> ys(n), gs(n);
+  for (std::int64_t i = 0; i < n; ++i) {
+    ys[i] = 0.5f + 0.001f * static_cast<float>(i % 1000);
+    gs[i] = -1.25f + 0.002f * static_cast<float>(i % 997);
+  }
+  const Tensor a = Tensor::from_vector(xs, {n}), b = Tensor::from_vector(ys, {n});
+  const Tensor dout = Tensor::from_vector(gs, {n});
+  const auto out = values(ops::swiglu(a, b));
+  auto [da_t, db_t] = ops::swiglu_backward(a, b, dout);
+  const auto da = values(da_t), db = values(db_t);
+  const auto sig = values(ops::sigmoid(a)), silu = values(ops::silu(a));
+  auto rel = [](double got, double want) {
+    return std::abs(got - want) / std::max(std::abs(want), 1e-30);
+  };
+  double worst = 0, worst_sigmoid = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double x = xs[i], y = ys[i], g = gs[i];
+    if (!std::isfinite(x) || std::abs(x) > 100) continue;
+    const double s = 1 / (1 + std::exp(-x));
+    worst_sigmoid = std::max(worst_sigmoid, rel(sig[i], s));
+    for (const auto& [got, want] : {std::pair{sig[i], s}, std::pair{silu[i], x * s},
+                                    std::pair{out[i], x * s * y}, std::pair{db[i], g * x * s}}) {
+      worst = std::max(worst, rel(got, want));
+    }
+    // da = g y s (1 + x (1 - s)): its own rounding where 1 + x (1 - s) cancels (x near -1.28).
+    const double want_da = g * y * s * (1 + x * (1 - s));
+    EXPECT_NEAR(da[i], want_da, 4e-7 * (std::abs(g * y * s) * (1 + std::abs(x)) + 1e-30)) << x;
+  }
+  EXPECT_LT(worst_sigmoid, 3e-7);  // 1 ulp is 6e-8 to 1.2e-7 relative
+  EXPECT_LT(worst, 8e-7);          // products of up to four rounded factors
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float x = xs[i];
+    if (std::isnan(x)) {
+      EXPECT_TRUE(std::isnan(out[i]) && std::isnan(sig[i]) && std::isnan(silu[i]) &&
+                  std::isnan(da[i]) && std::isnan(db[i]));
+    } else if (x == 1000.0f || std::isinf(x)) {
+      EXPECT_EQ(sig[i], 1.0);
+      EXPECT_EQ(out[i], static_cast<double>(x * ys[i]));
+    } else if (x <= -88.0f) {
+      EXPECT_EQ(sig[i], 0.0);
+      EXPECT_EQ(out[i], 0.0);
+      EXPECT_EQ(db[i], 0.0);
+    } else if (x == 0.0f) {
+      EXPECT_EQ(sig[i], 0.5);
+      EXPECT_EQ(out[i], 0.0);
+    }
+  }
 }
 
 // ---- RoPE ---------------------------------------------------------------------------------
