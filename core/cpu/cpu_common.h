@@ -241,6 +241,14 @@ inline void blas_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int
 
 // ---- math -------------------------------------------------------------------
 
+#if defined(__AVX512F__)
+// The lanes of a 16-float vector starting `left` elements before the end of
+// an array: all 16, or the masked tail.
+inline __mmask16 lanes_left_mask(std::int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+#endif
+
 // Vectorised exp. libm's exp is an opaque call that GCC does not
 // vectorise, so float goes through an AVX2/FMA polynomial (below) where the
 // compiler targets it, and everything else through Eigen's packet exp.
@@ -325,7 +333,7 @@ inline double exp_affine(const T* x, T a, T b, T* y, std::int64_t n, bool sum = 
         block = _mm512_add_ps(block, e);
       }
       if (i < block_end) {  // the last, partial vector
-        const __mmask16 k = static_cast<__mmask16>((1u << (block_end - i)) - 1u);
+        const __mmask16 k = lanes_left_mask(block_end - i);
         const __m512 e = _mm512_maskz_mov_ps(
             k, exp_avx512(_mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + i), vb)));
         if (y) _mm512_mask_storeu_ps(y + i, k, e);
@@ -506,11 +514,6 @@ inline __m256 exp_shifted_avx2(__m256 x) {
 // under 3e-38, where the float formula itself turns subnormal and then 0);
 // NaN propagates; sigmoid(+inf) = 1, sigmoid(-inf) = 0.
 #ifdef MOTLEY_CPU_AVX512
-// The lanes of a 16-float vector starting `left` elements before the end.
-inline __mmask16 lanes_left_mask(std::int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
 inline __m512 sigmoid_avx512(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 neg_abs = _mm512_or_ps(x, _mm512_set1_ps(-0.0f));  // -|x|
@@ -564,7 +567,7 @@ inline bool row_max(const T* x, std::int64_t n, T* m) {
       nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     }
     if (i < n) {
-      const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
+      const __mmask16 k = lanes_left_mask(n - i);
       const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, x + i);
       vmax = _mm512_max_ps(vmax, v);
       nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -653,7 +656,7 @@ inline double exp_shifted_run_avx512(const float* x, float b, float scale, float
       block = _mm512_add_ps(block, e);
     }
     if (i < block_end) {  // the row's last, partial vector
-      const __mmask16 k = static_cast<__mmask16>((1u << (block_end - i)) - 1u);
+      const __mmask16 k = lanes_left_mask(block_end - i);
       const __m512 e = _mm512_maskz_mov_ps(
           k, exp_shifted_avx512<kSumOnly>(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vb)));
       if (y) _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(e, vs));
@@ -697,20 +700,22 @@ inline double exp_shifted(const T* x, T b, T scale, T* y, std::int64_t n, bool s
     while (i + 8 <= n) {
       __m256 block = _mm256_setzero_ps();
       const std::int64_t block_end = std::min(n - 7, i + 32 * 8);
-      if (sum_only) {  // the cheaper exp (exp_shifted_avx512's kSumOnly)
+      // Only a sum wanted: the cheaper exp (exp_shifted_avx512's kSumOnly).
+      auto run = [&](auto sum_only_tag) {
+        constexpr bool kSumOnly = decltype(sum_only_tag)::value;
         for (; i < block_end; i += 8) {
           if (next && i % 16 == 0) {
             _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T2);
           }
-          block = _mm256_add_ps(
-              block, exp_shifted_avx2<true>(_mm256_sub_ps(_mm256_loadu_ps(x + i), vb)));
+          const __m256 e = exp_shifted_avx2<kSumOnly>(_mm256_sub_ps(_mm256_loadu_ps(x + i), vb));
+          if (!kSumOnly && y) _mm256_storeu_ps(y + i, _mm256_mul_ps(e, vs));
+          block = _mm256_add_ps(block, e);
         }
-      }
-      for (; i < block_end; i += 8) {
-        if (next && i % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T2);
-        const __m256 e = exp_shifted_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), vb));
-        if (y) _mm256_storeu_ps(y + i, _mm256_mul_ps(e, vs));
-        block = _mm256_add_ps(block, e);
+      };
+      if (sum_only) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
       }
       if (sum) {
         acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(block)));
