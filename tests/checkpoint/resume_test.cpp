@@ -57,9 +57,12 @@ const fs::path& fixture_dir() {
   return dir;
 }
 
+// mpiexec for np ranks, its session directory in the fixture folder (Note
+// [Open MPI session directories] in tests/CMakeLists.txt); `env` execs it,
+// so the pid of a spawned run is still mpiexec's.
 std::string mpirun(int np) {
-  return std::string(MOTLEY_MPIEXEC) + " --oversubscribe --allow-run-as-root -np " +
-         std::to_string(np) + " ";
+  return "env TMPDIR='" + fixture_dir().string() + "' " + MOTLEY_MPIEXEC +
+         " --oversubscribe --allow-run-as-root -np " + std::to_string(np) + " ";
 }
 
 // The shell command of one training run (in the fixture directory).

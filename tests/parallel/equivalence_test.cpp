@@ -73,12 +73,15 @@ int run(const std::string& launcher, const std::string& run_dir, const std::stri
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-// mpiexec for np ranks; `fault` sets MOTLEY_FAULT_INJECT on every rank.
+// mpiexec for np ranks, its session directory in the fixture folder (Note
+// [Open MPI session directories] in tests/CMakeLists.txt); `fault` sets
+// MOTLEY_FAULT_INJECT on every rank.
 std::string mpirun(int np, const std::string& fault = "") {
-  const std::string launcher = std::string(MOTLEY_MPIEXEC) +
-                               " --oversubscribe --allow-run-as-root -np " + std::to_string(np);
-  if (fault.empty()) return launcher;
-  return "env MOTLEY_FAULT_INJECT=" + fault + " " + launcher + " -x MOTLEY_FAULT_INJECT";
+  const std::string env = "env TMPDIR='" + fixture().dir.string() + "' " +
+                          (fault.empty() ? "" : "MOTLEY_FAULT_INJECT=" + fault + " ");
+  const std::string launcher = env + MOTLEY_MPIEXEC + " --oversubscribe --allow-run-as-root -np " +
+                               std::to_string(np);
+  return fault.empty() ? launcher : launcher + " -x MOTLEY_FAULT_INJECT";
 }
 
 std::string read_log(const std::string& run_dir) {
