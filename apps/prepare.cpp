@@ -1,11 +1,6 @@
 // motley prepare: raw text -> tokenizer.json, train.h5, valid.h5 (SPEC
 // sections 4 and 6).
 //
-// Flags are parsed by hand rather than with Abseil: the SPEC spells them
-// with dashes (--vocab-size), which Abseil flag names cannot hold, and
-// Abseil flags are process-global, so names such as --seed would clash with
-// other subcommands linked into the same binary.
-//
 // The train/valid split is by document, so no document straddles the two
 // splits: document i goes to valid when philox_uniform(philox_key(seed,
 // "data/split"), i) < valid_fraction. With few documents that can select
@@ -16,15 +11,15 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <limits>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <vector>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
+#include "absl/strings/str_cat.h"
+#include "apps/cli.h"
 #include "apps/progress.h"
 #include "apps/subcommands.h"
 #include "core/check.h"
@@ -42,107 +37,57 @@ constexpr std::int64_t kDefaultVocabSize = 4096;
 constexpr double kDefaultValidFraction = 0.05;
 constexpr std::uint64_t kDefaultSeed = 1234;
 
-constexpr const char* kUsage = R"(usage: motley prepare --input FILE_OR_DIR... --out DIR [flags]
-
-Reads raw text, trains a byte-level BPE tokenizer on the train split and
-writes DIR/tokenizer.json, DIR/train.h5 and DIR/valid.h5 (HDF5: a 1-D
-dataset /tokens and a root attribute vocab_size; see docs/data.md).
-
-Documents: a plain text file is one document; a .jsonl file holds one
-document per line in the string field "text"; a directory is read
-recursively, files in path order, skipping names that start with '.'.
-Each document is followed by the end-of-text token in the token files.
-
-flags:
-  --input FILE_OR_DIR...  text to read (required). Repeat the flag, give a
-                          comma-separated list, or list several paths after
-                          one --input.
-  --out DIR               output folder, created if missing (required).
-  --vocab-size N          tokenizer vocabulary: 256 bytes + merges + the
-                          end-of-text token (default 4096, at least 257).
-  --valid-fraction F      share of documents held out for validation, in
-                          (0, 1); at least one document is held out, and at
-                          least one is kept for training (default 0.05).
-  --seed S                seed of the train/valid split (default 1234).
-  --help                  this message.
-
-Flags may be written --flag VALUE or --flag=VALUE; '_' may replace '-'.
-Exit codes: 0 done, 2 usage error, 3 data error.
-)";
-
 struct PrepareOptions {
   std::vector<std::string> inputs;
   std::string out;
-  std::int64_t vocab_size = kDefaultVocabSize;
-  double valid_fraction = kDefaultValidFraction;
-  std::uint64_t seed = kDefaultSeed;
-  bool help = false;
+  std::int64_t vocab_size = 0;
+  double valid_fraction = 0;
+  std::uint64_t seed = 0;
 };
 
-void add_inputs(const std::string& value, std::vector<std::string>& inputs) {
-  for (absl::string_view piece : absl::StrSplit(value, ',', absl::SkipEmpty())) {
-    inputs.emplace_back(piece);
-  }
-}
+// The options, or nullopt after --help.
+std::optional<PrepareOptions> parse_flags(int argc, char** argv) {
+  CommandLine cli("prepare",
+                  "Read raw text, train a byte-level BPE tokenizer on the train split and write "
+                  "DIR/tokenizer.json, DIR/train.h5 and DIR/valid.h5 (HDF5: a 1-D dataset "
+                  "/tokens and a root attribute vocab_size; see docs/data.md).");
+  cli.list("input", "FILE_OR_DIR",
+           "text to read (required): repeat the flag, give a comma-separated list, or list "
+           "several paths after one --input");
+  cli.flag("out", "DIR", "output folder, created if missing (required)");
+  cli.flag("vocab-size", "N",
+           "tokenizer vocabulary: 256 bytes + merges + the end-of-text token, at least 257",
+           std::to_string(kDefaultVocabSize));
+  cli.flag("valid-fraction", "F",
+           "share of documents held out for validation, strictly between 0 and 1; at least "
+           "one document is held out and at least one kept for training",
+           absl::StrCat(kDefaultValidFraction));
+  cli.flag("seed", "S", "seed of the train/valid split", std::to_string(kDefaultSeed));
+  cli.details(
+      "Documents: a plain text file is one document; a .jsonl file holds one\n"
+      "document per line in the string field \"text\"; a directory is read\n"
+      "recursively, files in path order, skipping names that start with '.'.\n"
+      "Each document is followed by the end-of-text token in the token files.\n"
+      "\n"
+      "Exit codes: 0 done, 2 usage error, 3 data error.\n");
+  if (!cli.parse(argc, argv)) return std::nullopt;
 
-PrepareOptions parse_flags(int argc, char** argv) {
   PrepareOptions opt;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h" || arg == "-help" || arg == "--helpfull") {
-      opt.help = true;
-      continue;
-    }
-    if (arg.rfind("--", 0) != 0) {
-      MOTLEY_FAIL(kUsage, "unexpected argument '", arg,
-                  "' (paths to read go after --input; see motley prepare --help)");
-    }
-    std::string name = arg.substr(2);
-    std::string value;
-    bool has_value = false;
-    if (const std::size_t eq = name.find('='); eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-      has_value = true;
-    }
-    std::replace(name.begin(), name.end(), '_', '-');
-    const bool known = name == "input" || name == "out" || name == "vocab-size" ||
-                       name == "valid-fraction" || name == "seed";
-    MOTLEY_CHECK_KIND(kUsage, known, "unknown flag --", name, " (see motley prepare --help)");
-    if (!has_value) {
-      MOTLEY_CHECK_KIND(kUsage, i + 1 < argc && std::strncmp(argv[i + 1], "--", 2) != 0,
-                        "--", name, " needs a value");
-      value = argv[++i];
-    }
-    if (name == "input") {
-      add_inputs(value, opt.inputs);
-      // Further paths up to the next flag belong to this --input.
-      while (!has_value && i + 1 < argc && std::strncmp(argv[i + 1], "--", 2) != 0) {
-        add_inputs(argv[++i], opt.inputs);
-      }
-    } else if (name == "out") {
-      opt.out = value;
-    } else if (name == "vocab-size") {
-      MOTLEY_CHECK_KIND(kUsage, absl::SimpleAtoi(value, &opt.vocab_size),
-                        "--vocab-size: '", value, "' is not an integer");
-    } else if (name == "valid-fraction") {
-      MOTLEY_CHECK_KIND(kUsage, absl::SimpleAtod(value, &opt.valid_fraction),
-                        "--valid-fraction: '", value, "' is not a number");
-    } else if (name == "seed") {
-      MOTLEY_CHECK_KIND(kUsage, absl::SimpleAtoi(value, &opt.seed),
-                        "--seed: '", value, "' is not a non-negative integer");
-    }
-  }
-  if (opt.help) return opt;
+  opt.inputs = cli.all("input");
   MOTLEY_CHECK_KIND(kUsage, !opt.inputs.empty(), "--input is required (see motley prepare --help)");
-  MOTLEY_CHECK_KIND(kUsage, !opt.out.empty(), "--out is required (see motley prepare --help)");
+  opt.out = cli.get("out");
+  opt.vocab_size = cli.get_int("vocab-size");
   MOTLEY_CHECK_KIND(kUsage,
                     opt.vocab_size >= 257 &&
                         opt.vocab_size <= std::numeric_limits<std::int32_t>::max(),
                     "--vocab-size must be in [257, 2^31 - 1] (256 bytes + merges + end-of-text), "
                     "got ", opt.vocab_size);
+  opt.valid_fraction = cli.get_double("valid-fraction");
   MOTLEY_CHECK_KIND(kUsage, opt.valid_fraction > 0.0 && opt.valid_fraction < 1.0,
                     "--valid-fraction must be in (0, 1), got ", opt.valid_fraction);
+  const std::int64_t seed = cli.get_int("seed");
+  MOTLEY_CHECK_KIND(kUsage, seed >= 0, "--seed must be a non-negative integer, got ", seed);
+  opt.seed = static_cast<std::uint64_t>(seed);
   return opt;
 }
 
@@ -183,11 +128,9 @@ double bytes_per_token(const SplitStats& s) {
 }  // namespace
 
 int prepare_main(int argc, char** argv) {
-  const PrepareOptions opt = parse_flags(argc, argv);
-  if (opt.help) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
+  const std::optional<PrepareOptions> parsed = parse_flags(argc, argv);
+  if (!parsed) return 0;
+  const PrepareOptions& opt = *parsed;
   const auto t_start = Clock::now();
 
   // ---- read --------------------------------------------------------------------------

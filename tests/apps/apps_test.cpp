@@ -5,12 +5,14 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include <gtest/gtest.h>
 
 #include "checkpoint/checkpoint.h"
 #include "data/token_file.h"
+#include "data/tokenizer.h"
 #include "layers/transformer.h"
 #include "nlohmann/json.hpp"
 
@@ -210,12 +212,95 @@ TEST_F(AppsTest, BadInputGetsAClearErrorAndItsExitCode) {
       {"eval --checkpoint nothing.h5 --data data/valid.h5", 4, "does not exist"},
       {"inspect nothing.h5", 4, "does not exist"},
       {"train --config tiny.json --resume broken.h5", 4, "broken.h5"},
+      {"prepare --out prep", 2, "--input is required"},
+      {"prepare --input tiny.json", 2, "--out is required"},
+      {"prepare --input tiny.json --out --seed 3", 2, "--out needs a DIR"},
+      {"prepare --input tiny.json --out prep --vocab-size 100", 2, "--vocab-size must be in [257"},
+      {"prepare --input tiny.json --out prep --valid-fraction 1", 2, "--valid-fraction must be"},
+      {"prepare --input tiny.json --out prep --seed -1", 2, "--seed must be a non-negative"},
+      {"prepare --input tiny.json --out prep --sed 3", 2, "unknown flag --sed"},
+      {"prepare --input nowhere --out prep", 3, "nowhere does not exist"},
+      {"prepare --input tiny.json --out prep", 3, "needs at least 2"},  // one document
   };
   for (const Case& c : cases) {
     const Result r = run(c.args, dir_);
     EXPECT_EQ(r.exit_code, c.exit_code) << c.args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.message), std::string::npos) << c.args << "\n" << r.output;
   }
+  EXPECT_FALSE(fs::exists(dir_ + "/prep")) << "a refused prepare wrote its output folder";
+}
+
+// The documents of one token file: its tokens decoded and split at eot.
+std::vector<std::string> decode_documents(const std::string& token_path, const Tokenizer& tok) {
+  const TokenFile file = TokenFile::open(token_path);
+  EXPECT_EQ(file.vocab_size(), tok.vocab_size()) << token_path;
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(file.size()));
+  file.read(0, file.size(), ids.data());
+  std::vector<std::string> docs;
+  std::vector<std::int32_t> doc;
+  for (const std::int64_t id : ids) {
+    if (id == tok.eot_id()) {
+      docs.push_back(tok.decode(doc));
+      doc.clear();
+    } else {
+      doc.push_back(static_cast<std::int32_t>(id));
+    }
+  }
+  EXPECT_TRUE(doc.empty()) << token_path << " does not end with end-of-text";
+  return docs;
+}
+
+TEST_F(AppsTest, PrepareSplitsEveryDocumentOnceAndTrainingReadsTheResult) {
+  // 8 plain-text documents in a folder (plus a hidden file it skips) and
+  // 4 JSONL documents: 12 in all, each some 400 bytes.
+  std::map<std::string, int> want;  // document -> how often it must appear
+  fs::create_directories(dir_ + "/corpus/sub");
+  auto text = [](int i) {
+    std::string t;
+    for (int w = 0; w < 70; ++w) t += "word" + std::to_string((i * 7 + w * w) % 23) + " ";
+    return t + "end " + std::to_string(i) + "\n";
+  };
+  for (int i = 0; i < 8; ++i) {
+    std::ofstream(dir_ + (i < 4 ? "/corpus/" : "/corpus/sub/") + std::to_string(i) + ".txt")
+        << text(i);
+    ++want[text(i)];
+  }
+  std::ofstream(dir_ + "/corpus/.hidden") << "never read";
+  {
+    std::ofstream jsonl(dir_ + "/more.jsonl");
+    for (int i = 8; i < 12; ++i) {
+      jsonl << nlohmann::json{{"text", text(i)}, {"id", i}}.dump() << "\n";
+      ++want[text(i)];
+    }
+  }
+  const std::string args =
+      "prepare --input corpus/0.txt,corpus/1.txt corpus/sub --input=more.jsonl "
+      "--input corpus/2.txt corpus/3.txt --vocab_size=300 --valid-fraction 0.25 --seed 7 --out ";
+  const Result r = run(args + "prep", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("read 12 documents"), std::string::npos) << r.output;
+
+  const Tokenizer tok = Tokenizer::load(dir_ + "/prep/tokenizer.json");
+  EXPECT_GT(tok.vocab_size(), 257);
+  EXPECT_LE(tok.vocab_size(), 300);
+  const std::vector<std::string> train = decode_documents(dir_ + "/prep/train.h5", tok);
+  const std::vector<std::string> valid = decode_documents(dir_ + "/prep/valid.h5", tok);
+  EXPECT_GE(train.size(), 1u);
+  EXPECT_GE(valid.size(), 1u);
+  std::map<std::string, int> got;
+  for (const auto* split : {&train, &valid}) {
+    for (const std::string& d : *split) ++got[d];
+  }
+  EXPECT_EQ(got, want) << "every document exactly once, bytes unchanged";
+
+  // The same flags give the same files; the result trains.
+  ASSERT_EQ(run(args + "prep2", dir_).exit_code, 0);
+  EXPECT_EQ(decode_documents(dir_ + "/prep2/train.h5", tok), train);
+  const Result t = run("train --config tiny.json --run run --set train.steps=4 --set "
+                       "model.vocab_size=" + std::to_string(tok.vocab_size()) +
+                           " --set data.train=prep/train.h5 --set data.valid=prep/valid.h5",
+                       dir_);
+  EXPECT_EQ(t.exit_code, 0) << t.output;
 }
 
 TEST_F(AppsTest, InspectAndHelpDescribeEverything) {
