@@ -23,9 +23,8 @@
 #include <gtest/gtest.h>
 
 #include "checkpoint/checkpoint.h"
-#include "core/philox.h"
-#include "data/token_file.h"
 #include "nlohmann/json.hpp"
+#include "tests/common/tiny_run.h"
 
 namespace motley {
 namespace {
@@ -33,37 +32,13 @@ namespace {
 namespace fs = std::filesystem;
 
 const fs::path& fixture_dir() {
-  static const fs::path dir = [] {
-    const fs::path d = fs::temp_directory_path() / ("motley-resume-" + std::to_string(::getpid()));
-    fs::create_directories(d);
-    std::vector<std::uint32_t> tokens(20000);
-    const PhiloxKey key = philox_key(7, "resume/tokens");
-    for (std::size_t i = 0; i < tokens.size(); ++i) {
-      tokens[i] = static_cast<std::uint32_t>(philox_u64(key, 0, i) % 256);
-    }
-    write_token_file((d / "train.h5").string(), tokens, 256);
-    std::ofstream(d / "tiny.json") << R"({
-  "model": {"vocab_size": 256, "d_model": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 32,
-            "ffn_hidden": 64,
-            "moe": {"n_experts": 4, "top_k": 2, "expert_hidden": 32, "expert_sizes": "modse",
-                    "router": "linear", "every": 1, "aux": {"balance": 0.01, "z_loss": 0.001}}},
-  "train": {"batch_size": 8, "micro_batches": 2, "seq_len": 16, "steps": 6, "lr": 3e-3,
-            "min_lr": 3e-4, "warmup": 2, "log_every": 1, "eval_every": 0, "ckpt_every": 3,
-            "keep_last": 2, "seed": 5, "grad_clip": 0.5},
-  "data": {"train": "train.h5"}
-})";
-    return d;
-  }();
+  static const fs::path dir = tiny_run::make_folder(
+      "motley-resume",
+      R"({"micro_batches": 2, "steps": 6, "ckpt_every": 3, "keep_last": 2})");
   return dir;
 }
 
-// mpiexec for np ranks, its session directory in the fixture folder (Note
-// [Open MPI session directories] in tests/CMakeLists.txt); `env` execs it,
-// so the pid of a spawned run is still mpiexec's.
-std::string mpirun(int np) {
-  return "env TMPDIR='" + fixture_dir().string() + "' " + MOTLEY_MPIEXEC +
-         " --oversubscribe --allow-run-as-root -np " + std::to_string(np) + " ";
-}
+std::string mpirun(int np) { return tiny_run::mpiexec(np, fixture_dir()) + " "; }
 
 // The shell command of one training run (in the fixture directory).
 std::string train_command(const std::string& launcher, const std::string& run_dir,
@@ -73,10 +48,7 @@ std::string train_command(const std::string& launcher, const std::string& run_di
          ".log' 2>&1";
 }
 
-int exit_code(int status) {
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : -1;
-}
+using tiny_run::exit_code;
 
 int run(const std::string& launcher, const std::string& run_dir, const std::string& args) {
   return exit_code(std::system(train_command(launcher, run_dir, args).c_str()));
@@ -99,13 +71,11 @@ int wait_for(pid_t pid) {
   return exit_code(status);
 }
 
+// The step rows of a run's metrics.jsonl.
 std::vector<nlohmann::json> metrics(const std::string& run_dir) {
   std::vector<nlohmann::json> rows;
-  std::ifstream in(fixture_dir() / run_dir / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto row = nlohmann::json::parse(line, nullptr, false);
-    if (!row.is_discarded() && row.contains("loss")) rows.push_back(row);
+  for (nlohmann::json& row : tiny_run::read_metrics(fixture_dir() / run_dir / "metrics.jsonl")) {
+    if (row.contains("loss")) rows.push_back(std::move(row));
   }
   return rows;
 }

@@ -7,8 +7,6 @@
 // expert re-placement during training (Note [Re-placement] in
 // parallel/placement.h) and a failing rank ending the job (Note [Fault
 // injection] in apps/train.cpp).
-#include <sys/wait.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -21,88 +19,51 @@
 
 #include "checkpoint/checkpoint.h"
 #include "core/ops.h"
-#include "core/philox.h"
-#include "data/token_file.h"
 #include "nlohmann/json.hpp"
+#include "tests/common/tiny_run.h"
 
 namespace motley {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Fixture {
-  fs::path dir;
-  std::string config;
-};
-
-const Fixture& fixture() {
-  static const Fixture f = [] {
-    Fixture x;
-    x.dir = fs::temp_directory_path() / ("motley-equivalence-" + std::to_string(::getpid()));
-    fs::create_directories(x.dir);
-    std::vector<std::uint32_t> tokens(20000);
-    const PhiloxKey key = philox_key(7, "equivalence/tokens");
-    for (std::size_t i = 0; i < tokens.size(); ++i) {
-      tokens[i] = static_cast<std::uint32_t>(philox_u64(key, 0, i) % 256);
-    }
-    write_token_file((x.dir / "train.h5").string(), tokens, 256);
-    x.config = (x.dir / "tiny.json").string();
-    std::ofstream(x.config) << R"({
-  "model": {"vocab_size": 256, "d_model": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 32,
-            "ffn_hidden": 64,
-            "moe": {"n_experts": 4, "top_k": 2, "expert_hidden": 32, "expert_sizes": "modse",
-                    "router": "linear", "every": 1, "aux": {"balance": 0.01, "z_loss": 0.001}}},
-  "train": {"batch_size": 8, "micro_batches": 1, "seq_len": 16, "steps": 3, "lr": 3e-3,
-            "min_lr": 3e-4, "warmup": 2, "log_every": 1, "eval_every": 0, "ckpt_every": 0,
-            "keep_last": 1, "seed": 5, "grad_clip": 0.5},
-  "data": {"train": "train.h5"}
-})";
-    return x;
-  }();
-  return f;
+const fs::path& fixture_dir() {
+  static const fs::path dir = tiny_run::make_folder("motley-equivalence");
+  return dir;
 }
 
 // Runs `motley train` in the fixture directory; the output is appended to
-// RUN_DIR.log. Returns the exit code (-1 when killed by a signal).
+// RUN_DIR.log. Returns the exit code (128 + the signal when killed by one).
 int run(const std::string& launcher, const std::string& run_dir, const std::string& sets,
         const std::string& resume = "none") {
-  const std::string cmd = "cd '" + fixture().dir.string() + "' && " + launcher + " '" +
+  const std::string cmd = "cd '" + fixture_dir().string() + "' && " + launcher + " '" +
                           MOTLEY_BINARY + "' train --config tiny.json --resume " + resume +
                           " --run '" + run_dir + "' " + sets + " >> '" + run_dir + ".log' 2>&1";
-  const int status = std::system(cmd.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return tiny_run::exit_code(std::system(cmd.c_str()));
 }
 
-// mpiexec for np ranks, its session directory in the fixture folder (Note
-// [Open MPI session directories] in tests/CMakeLists.txt); `fault` sets
-// MOTLEY_FAULT_INJECT on every rank.
+// mpiexec for np ranks; `fault` sets MOTLEY_FAULT_INJECT on every rank.
 std::string mpirun(int np, const std::string& fault = "") {
-  const std::string env = "env TMPDIR='" + fixture().dir.string() + "' " +
-                          (fault.empty() ? "" : "MOTLEY_FAULT_INJECT=" + fault + " ");
-  const std::string launcher = env + MOTLEY_MPIEXEC + " --oversubscribe --allow-run-as-root -np " +
-                               std::to_string(np);
-  return fault.empty() ? launcher : launcher + " -x MOTLEY_FAULT_INJECT";
+  const std::string launcher = tiny_run::mpiexec(np, fixture_dir());
+  if (fault.empty()) return launcher;
+  return "env MOTLEY_FAULT_INJECT=" + fault + " " + launcher + " -x MOTLEY_FAULT_INJECT";
 }
 
 std::string read_log(const std::string& run_dir) {
-  std::ifstream in(fixture().dir / (run_dir + ".log"));
+  std::ifstream in(fixture_dir() / (run_dir + ".log"));
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
 }
 
 std::vector<nlohmann::json> metrics(const std::string& run_dir) {
-  std::vector<nlohmann::json> rows;
-  std::ifstream in(fixture().dir / run_dir / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) rows.push_back(nlohmann::json::parse(line));
-  return rows;
+  return tiny_run::read_metrics(fixture_dir() / run_dir / "metrics.jsonl");
 }
 
 std::string reference(std::int64_t total_micro, const std::string& extra) {
   const std::string name = "single_m" + std::to_string(total_micro) +
                            std::to_string(std::hash<std::string>{}(extra) % 1000);
-  if (!fs::exists(fixture().dir / name / "metrics.jsonl")) {
+  if (!fs::exists(fixture_dir() / name / "metrics.jsonl")) {
     EXPECT_EQ(run("env -u OMPI_COMM_WORLD_SIZE", name,
                   "--set train.micro_batches=" + std::to_string(total_micro) + " " + extra),
               0);
@@ -125,8 +86,8 @@ void expect_same_run(const std::string& got, const std::string& want) {
     }
     EXPECT_EQ(a[i]["expert_tokens"], b[i]["expert_tokens"]) << got;
   }
-  const auto ra = CheckpointReader::open(*latest_checkpoint((fixture().dir / got).string()));
-  const auto rb = CheckpointReader::open(*latest_checkpoint((fixture().dir / want).string()));
+  const auto ra = CheckpointReader::open(*latest_checkpoint((fixture_dir() / got).string()));
+  const auto rb = CheckpointReader::open(*latest_checkpoint((fixture_dir() / want).string()));
   for (const std::string group : {"model", "optim/exp_avg", "optim/exp_avg_sq"}) {
     const auto names = rb.names(group);
     EXPECT_EQ(ra.names(group), names) << group;
@@ -157,7 +118,7 @@ std::string check_layout(int dp, int ep, int pp, int m, const std::string& extra
                            std::to_string(pp) + "_m" + std::to_string(m) +
                            std::to_string(std::hash<std::string>{}(extra) % 1000);
   const int code = run(mpirun(dp * pp), name, layout_sets(dp, ep, pp, m) + extra);
-  EXPECT_EQ(code, 0) << "see " << (fixture().dir / (name + ".log"));
+  EXPECT_EQ(code, 0) << "see " << (fixture_dir() / (name + ".log"));
   if (code == 0) expect_same_run(name, reference(dp * m, extra));
   return name;
 }
@@ -220,7 +181,7 @@ std::vector<nlohmann::json> placement_rows(const std::string& run_dir, int ep,
 TEST(Replacement, DataAndExpertParallelReplacesAndMatchesSingleProcess) {
   const std::string name = check_layout(2, 2, 1, 1, kReplaceSets);
   EXPECT_GE(placement_rows(name, 2, 8).size(), 1u)
-      << "no re-placement happened; see " << (fixture().dir / (name + ".log"));
+      << "no re-placement happened; see " << (fixture_dir() / (name + ".log"));
   EXPECT_NE(read_log(name).find("re-placement at step"), std::string::npos);
 }
 
@@ -230,7 +191,7 @@ TEST(Replacement, DataAndExpertParallelReplacesAndMatchesSingleProcess) {
 TEST(Replacement, WithPipelineStagesMatchesSingleProcess) {
   const std::string name = check_layout(2, 2, 2, 1, kReplaceSets);
   EXPECT_GE(placement_rows(name, 2, 8).size(), 1u)
-      << "no re-placement happened; see " << (fixture().dir / (name + ".log"));
+      << "no re-placement happened; see " << (fixture_dir() / (name + ".log"));
 }
 
 // dp=4, ep=2: two EP groups migrate at once, and each expert's gradient
@@ -238,7 +199,7 @@ TEST(Replacement, WithPipelineStagesMatchesSingleProcess) {
 TEST(Replacement, TwoExpertGroupsMatchSingleProcess) {
   const std::string name = check_layout(4, 2, 1, 1, kReplaceSets);
   EXPECT_GE(placement_rows(name, 2, 8).size(), 1u)
-      << "no re-placement happened; see " << (fixture().dir / (name + ".log"));
+      << "no re-placement happened; see " << (fixture_dir() / (name + ".log"));
 }
 
 // The same run without re-placement keeps its map (the rows above come
@@ -256,18 +217,18 @@ TEST(Replacement, ResumeAfterReplacement) {
   const std::string name = "replace_resume";
   const std::string sets = layout_sets(2, 2, 1, 1) + kReplaceSets +
                            "--set train.ckpt_every=4 --set train.keep_last=5 ";
-  fs::remove_all(fixture().dir / name);
-  fs::remove(fixture().dir / (name + ".log"));
+  fs::remove_all(fixture_dir() / name);
+  fs::remove(fixture_dir() / (name + ".log"));
   EXPECT_NE(run(mpirun(2, "rank=1,step=6"), name, sets), 0);
-  ASSERT_TRUE(fs::exists(fixture().dir / name / "checkpoints" / "step_00000004.h5"))
-      << "see " << (fixture().dir / (name + ".log"));
+  ASSERT_TRUE(fs::exists(fixture_dir() / name / "checkpoints" / "step_00000004.h5"))
+      << "see " << (fixture_dir() / (name + ".log"));
   // The interrupted run re-placed before its step-4 checkpoint.
   std::int64_t replaced_by_4 = 0;
   for (const auto& row : metrics(name)) {
     replaced_by_4 += row.contains("placement") && row["step"].get<int>() <= 4;
   }
   EXPECT_GE(replaced_by_4, 1);
-  ASSERT_EQ(run(mpirun(2), name, sets, "auto"), 0) << "see " << (fixture().dir / (name + ".log"));
+  ASSERT_EQ(run(mpirun(2), name, sets, "auto"), 0) << "see " << (fixture_dir() / (name + ".log"));
   EXPECT_NE(read_log(name).find("resumed from"), std::string::npos);
   expect_same_run(name, reference(2, kReplaceSets));
 }
@@ -275,7 +236,7 @@ TEST(Replacement, ResumeAfterReplacement) {
 // ---- a failing rank ends the job (Note [Fault injection]) -------------------------
 TEST(FaultInjection, RankThatThrowsEndsTheWholeJob) {
   const std::string name = "fault_rank1_step3";
-  fs::remove(fixture().dir / (name + ".log"));
+  fs::remove(fixture_dir() / (name + ".log"));
   const auto start = std::chrono::steady_clock::now();
   // `timeout` turns a hang into exit 124 after 60 s.
   const int code = run("timeout 60 " + mpirun(2, "rank=1,step=3"), name,
