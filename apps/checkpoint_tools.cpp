@@ -118,7 +118,7 @@ int generate_main(int argc, char** argv) {
   MOTLEY_CHECK_KIND(kUsage, n_tokens >= 0, "--tokens must be >= 0");
   MOTLEY_CHECK_KIND(kUsage, temperature >= 0, "--temperature must be >= 0");
   MOTLEY_CHECK_KIND(kUsage, top_k >= 0, "--top-k must be >= 0");
-  const PhiloxKey key = philox_key(static_cast<std::uint64_t>(cli.get_int("seed")), "generate");
+  const PhiloxKey key = philox_key(cli.get_uint64("seed"), "generate");
   const std::string prompt = cli.get("prompt");
   std::vector<std::int32_t> ids = m.tokenizer->encode(prompt);
   if (ids.empty()) ids.push_back(m.tokenizer->eot_id());  // start of a document

@@ -185,6 +185,14 @@ std::int64_t CommandLine::get_int(const std::string& name) const {
   return v;
 }
 
+std::uint64_t CommandLine::get_uint64(const std::string& name) const {
+  std::uint64_t v = 0;
+  const std::string text = get(name);
+  MOTLEY_CHECK_KIND(kUsage, absl::SimpleAtoi(text, &v), "--", name,
+                    " must be a non-negative integer, got '", text, "'");
+  return v;
+}
+
 double CommandLine::get_double(const std::string& name) const {
   double v = 0;
   const std::string text = get(name);

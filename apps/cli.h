@@ -53,6 +53,8 @@ class CommandLine {
   std::string get(const std::string& name) const;
   std::string get_or(const std::string& name, const std::string& fallback) const;
   std::int64_t get_int(const std::string& name) const;
+  // A seed or count in [0, 2^64): kUsage for a sign or anything else.
+  std::uint64_t get_uint64(const std::string& name) const;
   double get_double(const std::string& name) const;
   bool get_switch(const std::string& name) const;
   std::vector<std::string> all(const std::string& name) const;

@@ -85,9 +85,7 @@ std::optional<PrepareOptions> parse_flags(int argc, char** argv) {
   opt.valid_fraction = cli.get_double("valid-fraction");
   MOTLEY_CHECK_KIND(kUsage, opt.valid_fraction > 0.0 && opt.valid_fraction < 1.0,
                     "--valid-fraction must be in (0, 1), got ", opt.valid_fraction);
-  const std::int64_t seed = cli.get_int("seed");
-  MOTLEY_CHECK_KIND(kUsage, seed >= 0, "--seed must be a non-negative integer, got ", seed);
-  opt.seed = static_cast<std::uint64_t>(seed);
+  opt.seed = cli.get_uint64("seed");
   return opt;
 }
 

@@ -103,6 +103,20 @@ TEST(CommandLine, ErrorsNameTheFlag) {
     EXPECT_NE(std::string(e.what()).find("--vocab-size must be an integer, got 'many'"),
               std::string::npos);
   }
+  CommandLine seeds = make_cli();
+  seeds.flag("seed", "S", "a seed");
+  ASSERT_TRUE(parse(seeds, {"--seed", "18446744073709551615"}));
+  EXPECT_EQ(seeds.get_uint64("seed"), 18446744073709551615ull);
+  CommandLine negative = make_cli();
+  negative.flag("seed", "S", "a seed");
+  ASSERT_TRUE(parse(negative, {"--seed", "-3"}));
+  try {
+    negative.get_uint64("seed");
+    ADD_FAILURE() << "no error for a negative seed";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--seed must be a non-negative integer, got '-3'"),
+              std::string::npos);
+  }
   try {
     parsed.get("out");
     ADD_FAILURE() << "no error for a missing required flag";
