@@ -474,32 +474,46 @@ TEST(FusedF32, SwigluAndSigmoidAcrossTheFloatRange) {
 
 TYPED_TEST(Fused, RopeMatchesFormulaAndInverts) {
   using T = TypeParam;
-  const std::int64_t B = 2, H = 3, Tn = 5, hd = 8, half = hd / 2;
   const double theta = 10000.0;
   const std::int64_t offset = 7;
-  const Tensor x = random_tensor<T>({B, H, Tn, hd}, 21);
-  const auto xv = values(x);
-  std::vector<double> want(xv.size());
-  for (std::int64_t bh = 0; bh < B * H; ++bh)
-    for (std::int64_t t = 0; t < Tn; ++t)
-      for (std::int64_t i = 0; i < half; ++i) {
-        const double inv_freq = std::pow(theta, -2.0 * i / hd);
-        const double ang = (offset + t) * inv_freq;
-        const double* r = xv.data() + (bh * Tn + t) * hd;
-        double* w = want.data() + (bh * Tn + t) * hd;
-        w[i] = r[i] * std::cos(ang) - r[i + half] * std::sin(ang);
-        w[i + half] = r[i + half] * std::cos(ang) + r[i] * std::sin(ang);
-      }
-  const Tensor y = ops::rope(x, theta, offset);
-  expect_close(values(y), want, TestFixture::tol(), "rope");
-  // The inverse rotation undoes it; it is also the backward (transpose).
-  expect_close(values(ops::rope(y, theta, offset, /*inverse=*/true)), xv, 4 * TestFixture::tol(),
-               "rope inverse");
+  // The rotation of x (B, H, T, hd) at positions offset + t, in double.
+  auto reference = [&](const Tensor& x, std::int64_t pos0) {
+    const Shape& shape = x.shape();
+    const std::int64_t Tn = shape[2], hd = shape[3], half = hd / 2;
+    const auto xv = values(x);
+    std::vector<double> want(xv.size());
+    for (std::int64_t bh = 0; bh < shape[0] * shape[1]; ++bh)
+      for (std::int64_t t = 0; t < Tn; ++t)
+        for (std::int64_t i = 0; i < half; ++i) {
+          const double inv_freq = std::pow(theta, -2.0 * i / hd);
+          const double ang = (pos0 + t) * inv_freq;
+          const double* r = xv.data() + (bh * Tn + t) * hd;
+          double* w = want.data() + (bh * Tn + t) * hd;
+          w[i] = r[i] * std::cos(ang) - r[i + half] * std::sin(ang);
+          w[i + half] = r[i + half] * std::cos(ang) + r[i] * std::sin(ang);
+        }
+    return want;
+  };
+  // Head counts around the CPU kernel's group of four (Note [RoPE head
+  // groups]) and hd/2 below, at and past one 16-lane vector.
+  for (const Shape& shape : {Shape{2, 3, 5, 8}, Shape{1, 5, 3, 40}, Shape{3, 3, 2, 32}}) {
+    const std::string name = "rope " + shape_str(shape);
+    const Tensor x = random_tensor<T>(shape, 21);
+    const Tensor y = ops::rope(x, theta, offset);
+    expect_close(values(y), reference(x, offset), TestFixture::tol(), name);
+    // The inverse rotation undoes it; it is also the backward (transpose).
+    expect_close(values(ops::rope(y, theta, offset, /*inverse=*/true)), values(x),
+                 4 * TestFixture::tol(), name + " inverse");
+  }
   // Same shape, other offset (the backend caches its cos/sin table): at
-  // offset 0 position t = 0 is the identity.
+  // offset 0 position t = 0 is the identity; then offset 7 again.
+  const std::int64_t hd = 8;
+  const Tensor x = random_tensor<T>({2, 3, 5, hd}, 21);
+  const auto xv = values(x);
   const auto y0 = values(ops::rope(x, theta, 0));
   for (std::int64_t i = 0; i < hd; ++i) EXPECT_EQ(y0[i], xv[i]) << i;
-  expect_close(values(ops::rope(x, theta, offset)), want, TestFixture::tol(), "rope again");
+  expect_close(values(ops::rope(x, theta, offset)), reference(x, offset), TestFixture::tol(),
+               "rope again");
   // Position 0 is the identity.
   const Tensor x1 = random_tensor<T>({1, 1, 1, hd}, 22);
   expect_close(values(ops::rope(x1, theta, 0)), values(x1), 0, "rope at position 0");
