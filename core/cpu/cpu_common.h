@@ -769,6 +769,14 @@ inline void prefetch_ahead(const void* p) {
       /*rw=*/0, /*locality=*/3);
 }
 
+// prefetch_ahead for a line about to be written: fetched for ownership
+// (PREFETCHW), so the store that follows does not wait for it.
+inline void prefetch_ahead_for_write(const void* p) {
+  __builtin_prefetch(
+      reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + kPrefetchAheadBytes),
+      /*rw=*/1, /*locality=*/3);
+}
+
 // Elementwise work on long arrays is done in chunks of kChunk elements so
 // that a vectorised exp/sqrt pass and plain arithmetic passes share data
 // in L1.
