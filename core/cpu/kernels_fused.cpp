@@ -437,8 +437,9 @@ void rmsnorm_backward(const Tensor& x, const Tensor& g, const Tensor& rstd, cons
     // Rows in groups of kGroup: the dot products of the group first (the
     // rows are independent, so their reductions overlap instead of each
     // row's update waiting for its own), then the updates while the group's
-    // rows are still in L1 (4 rows of x, dy and dx: 12 KiB at d = 256, which
-    // leaves room in a 32 KiB L1d; 8 rows were a few % slower on Zen 4).
+    // rows are still in L1 (4 rows of x, dy and dx: 12 KiB at d = 256, room
+    // to spare in a 32 KiB L1d; 8 rows measured alike or a little slower
+    // on Zen 4).
     //
     // Note [RMSNorm backward prefetch]
     // The group's first pass only reads (x, dy) and its second mostly
@@ -446,9 +447,9 @@ void rmsnorm_backward(const Tensor& x, const Tensor& g, const Tensor& rstd, cons
     // while the stores miss, and the stores' read-for-ownership starts only
     // when each store issues. The update therefore prefetches x and dy
     // kPrefetchAheadBytes ahead (the next group's rows at d = 256) and dx
-    // for writing: 55 to 64 % of memcpy -> 68 to 83 % on Zen 4 (six
-    // alternating runs each; reads alone 58 to 75 %, the write prefetch
-    // alone 53 to 77 %).
+    // for writing: median 62 % of memcpy -> 70 to 75 % on Zen 4 (the read
+    // prefetch alone 66 %, the write prefetch alone 72 % with a wider
+    // spread; Zen 4 section of docs/perf.md).
     static_assert(kRowBlock % kGroup == 0, "dg blocks hold whole groups");
     T coeff[kGroup];
     for (std::int64_t row0 = 0; row0 < rows; row0 += kGroup) {
@@ -586,7 +587,7 @@ void swiglu_backward(const Tensor& a, const Tensor& b, const Tensor& dout, Tenso
 // table row is loaded once into registers for the four, and the loop keeps
 // eight sequential streams (x and y of each head). Measured alternately on
 // Zen 4 (`motley bench-kernels --sections elementwise --reps 31`, four
-// runs): two heads 55 to 65 %, four 70 to 86 %, eight 70 to 75 %.
+// runs): two heads 55 to 65 %, four 68 to 86 %, eight 70 to 75 %.
 constexpr std::int64_t kRopeHeads = 4;
 
 void rope(const Tensor& x, double theta, std::int64_t pos_offset, bool inverse, Tensor& y) {
