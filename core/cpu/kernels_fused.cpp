@@ -613,6 +613,7 @@ void rope(const Tensor& x, double theta, std::int64_t pos_offset, bool inverse, 
     // loops rather than a multiply by the sign in the inner loop).
     //
     // Heads go kRopeHeads at a time (Note [RoPE head groups]).
+    const std::int64_t head_stride = t_len * hd;  // from one head's block to the next
     auto rotate = [&](auto inverse_tag) {
       constexpr bool kInverse = decltype(inverse_tag)::value;
       for (std::int64_t h0 = 0; h0 < bh; h0 += kRopeHeads) {
@@ -622,7 +623,6 @@ void rope(const Tensor& x, double theta, std::int64_t pos_offset, bool inverse, 
           const T* __restrict s = sin_t.data() + t * half;
           const T* __restrict x0r = px + (h0 * t_len + t) * hd;
           T* __restrict y0r = py + (h0 * t_len + t) * hd;
-          const std::int64_t head_stride = t_len * hd;  // from head h0 to h0 + 1
           std::int64_t i = 0;
 #if defined(__AVX512F__)
           if constexpr (std::is_same_v<T, float>) {
