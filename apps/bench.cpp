@@ -14,13 +14,18 @@
 #include "core/ops.h"
 #include "core/philox.h"
 #include "layers/expert_sizes.h"
-#include "layers/optimizer.h"
+#include "core/backend.h"
 #include "layers/transformer.h"
+#include "parallel/communicator.h"
+#include "train/device.h"
+#include "train/flops.h"
+#include "train/trainer.h"
 
 namespace motley::apps {
 namespace {
 
 namespace ag = autograd;
+namespace par = parallel;
 using Clock = std::chrono::steady_clock;
 
 double median(std::vector<double> v) {
@@ -113,14 +118,19 @@ int bench_main(int argc, char** argv) {
            "(medians are reported)",
            std::string("7"));
   if (!cli.parse(argc, argv)) return 0;
-  const Config config = Config::load(cli.get("config"), cli.all("set"));
+  Config config = Config::load(cli.get("config"), cli.all("set"));
+  // One process: the config's layout does not apply here.
+  config.parallel.dp = config.parallel.ep = config.parallel.pp = 1;
+  const Device device = train::compute_device(config.train);
+  train::check_precision(config.train, device);
   const std::int64_t steps = cli.get_int("steps");
   const std::int64_t moe_tokens = cli.get_int("moe-tokens");
   const int reps = static_cast<int>(cli.get_int("moe-reps"));
   MOTLEY_CHECK_KIND(kUsage, steps >= 1, "--steps must be >= 1");
   MOTLEY_CHECK_KIND(kUsage, reps >= 1, "--moe-reps must be >= 1");
-  const double peak = measured_peak_flops();
-  std::printf("sgemm (1024^3 through motley's CPU backend): %.1f GFLOP/s\n", peak / 1e9);
+  const double peak = train::measured_peak_flops(device);
+  std::printf("sgemm (through motley's backend on %s): %.1f GFLOP/s\n", device.str().c_str(),
+              peak / 1e9);
 
   if (moe_tokens > 0 && config.model.moe.n_experts > 0) {
     std::printf("\nMoE layer forward + backward: d %lld, %lld experts, %lld tokens, %s\n",
@@ -149,42 +159,34 @@ int bench_main(int argc, char** argv) {
     }
   }
 
+  // The training step is train::Trainer::step(), the one `motley train`
+  // runs, on a world of one, fed random tokens.
   const TrainConfig& tc = config.train;
-  const std::int64_t micro = tc.micro_batches, per_micro = tc.batch_size / micro;
-  Transformer model(config.model, static_cast<std::uint64_t>(tc.seed));
-  AdamW optimizer(tc);
+  const std::int64_t micro = tc.micro_batches;
+  const std::int64_t vocab = config.model.vocab_size, seq_len = tc.seq_len;
+  train::BatchSource batches = [vocab, seq_len](std::int64_t step, std::int64_t first,
+                                                std::int64_t count) {
+    const Tensor all = random_tokens(
+        count, seq_len + 1, vocab,
+        static_cast<std::uint64_t>(step) * 1000003u + static_cast<std::uint64_t>(first));
+    return Batch{all.narrow(1, 0, seq_len).contiguous(), all.narrow(1, 1, seq_len).contiguous()};
+  };
+  train::Trainer trainer(
+      config,
+      train::make_process_groups(std::make_shared<par::LocalCommunicator>(), {}, device),
+      batches, device);
+  const Transformer& model = trainer.model();
+  Backend& backend = backend_for(device);
   std::vector<double> times;
   double step_flops = 0;
   for (std::int64_t step = 0; step <= steps; ++step) {
+    backend.synchronize();
     const auto t0 = Clock::now();
-    model.params().zero_grad();
-    double active = 0;
-    for (std::int64_t m = 0; m < micro; ++m) {
-      const Tensor all = random_tokens(per_micro, tc.seq_len + 1, config.model.vocab_size,
-                                       static_cast<std::uint64_t>(step * micro + m));
-      const Tensor tokens = all.narrow(1, 0, tc.seq_len).contiguous();
-      const Tensor targets = all.narrow(1, 1, tc.seq_len).contiguous();
-      ForwardContext ctx;
-      ctx.step = step + 1;
-      ModelOutput out = model.forward(tokens, targets, ctx);
-      ag::scale(out.loss, 1.0 / static_cast<double>(micro)).backward();
-      for (const MoELayerStats& s : out.moe_stats) active += s.active_params_per_token / micro;
-    }
-    const double norm = std::sqrt(grad_sum_of_squares(model.params()));
-    clip_gradients(model.params(), norm, tc.grad_clip);
-    optimizer.step(model.params(), tc.lr);
+    const train::StepResult r = trainer.step();
+    backend.synchronize();
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (step > 0) times.push_back(s);
-    // Model FLOPs as in train: 6 per active non-embedding parameter per
-    // token plus attention's 12 L T d.
-    const ModelConfig& mc = config.model;
-    double dense = static_cast<double>(model.total_parameters() - mc.vocab_size * mc.d_model);
-    for (std::int64_t l = 0; l < mc.n_layers; ++l) {
-      if (!mc.is_moe_layer(l)) continue;
-      for (std::int64_t h : model.expert_sizes()) dense -= 3.0 * mc.d_model * h;
-    }
-    step_flops = static_cast<double>(tc.batch_size * tc.seq_len) *
-                 (6.0 * (dense + active) + 12.0 * mc.n_layers * tc.seq_len * mc.d_model);
+    if (step > 0) times.push_back(s);  // the first step warms up
+    step_flops = r.model_flops;
   }
   const double s = median(times);
   const double tokens = static_cast<double>(tc.batch_size * tc.seq_len);

@@ -18,6 +18,7 @@
 #include "data/sampler.h"
 #include "core/philox.h"
 #include "layers/expert_sizes.h"
+#include "train/device.h"
 
 namespace motley::apps {
 namespace {
@@ -47,8 +48,12 @@ LoadedModel load_model(const std::string& path, const std::vector<std::string>& 
   LoadedModel m;
   m.config = reader.config(overrides);
   m.meta = reader.meta();
-  m.model = std::make_unique<Transformer>(m.config.model,
-                                          static_cast<std::uint64_t>(m.config.train.seed));
+  // train.device / train.precision (SPEC 8.1): checkpoints are fp32 on the
+  // host whatever they were trained on, so any device loads any of them.
+  const Device device = train::compute_device(m.config.train);
+  train::check_precision(m.config.train, device);
+  m.model = std::make_unique<Transformer>(
+      m.config.model, static_cast<std::uint64_t>(m.config.train.seed), DType::kF32, device);
   load_checkpoint(reader, m.model->params(), nullptr);
   if (auto json = reader.tokenizer_json()) m.tokenizer = Tokenizer::from_json(*json);
   return m;
@@ -108,8 +113,9 @@ int generate_main(int argc, char** argv) {
            std::string("0.8"));
   cli.flag("top-k", "K", "sample among the K most likely tokens (0: all)", std::string("50"));
   cli.flag("seed", "S", "sampling seed", std::string("1"));
+  cli.repeated("set", "KEY=VALUE", "override a config key (e.g. train.device=cuda)");
   if (!cli.parse(argc, argv)) return 0;
-  LoadedModel m = load_model(cli.get("checkpoint"), {});
+  LoadedModel m = load_model(cli.get("checkpoint"), cli.all("set"));
   MOTLEY_CHECK_KIND(kCheckpoint, m.tokenizer.has_value(), cli.get("checkpoint"),
                     " stores no tokenizer, so text cannot be encoded or decoded");
   const std::int64_t n_tokens = cli.get_int("tokens");
@@ -133,7 +139,7 @@ int generate_main(int argc, char** argv) {
     const std::int64_t start = std::max<std::int64_t>(0, static_cast<std::int64_t>(ids.size()) - window);
     std::vector<std::int64_t> context(ids.begin() + start, ids.end());
     const std::int64_t t = static_cast<std::int64_t>(context.size());
-    const Tensor tokens = Tensor::from_vector(context, {1, t});
+    const Tensor tokens = Tensor::from_vector(context, {1, t}).to(m.model->params().device());
     const std::vector<double> logits =
         m.model->logits(tokens, ctx).data().select(1, t - 1).to_vector<double>();
     std::vector<std::int32_t> order(vocab);

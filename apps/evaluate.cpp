@@ -23,9 +23,11 @@ EvalResult evaluate(Transformer& model, const TokenFile& file, std::int64_t seq_
   for (std::int64_t first = 0; first < windows; first += batch) {
     const std::int64_t count = std::min(batch, windows - first);
     const Batch b = eval_batch(file, first, count, seq_len);
-    const Tensor logits = model.logits(b.tokens, ctx).data().reshape({count * seq_len, vocab});
+    const Device device = model.params().device();
+    const Tensor logits =
+        model.logits(b.tokens.to(device), ctx).data().reshape({count * seq_len, vocab});
     const Tensor targets = b.targets.reshape({count * seq_len});
-    const auto [loss_rows, lse] = ops::cross_entropy(logits, targets);
+    const auto [loss_rows, lse] = ops::cross_entropy(logits, targets.to(device));
     nats += ops::sum(loss_rows.to(DType::kF64)).item();
     r.tokens += count * seq_len;
     if (tokenizer) {

@@ -1,13 +1,11 @@
 #include "apps/train_support.h"
 
 #include <algorithm>
-#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <vector>
 
-#include "core/ops.h"
-#include "core/philox.h"
+#include "core/check.h"
 
 namespace motley::apps {
 namespace fs = std::filesystem;
@@ -64,24 +62,6 @@ MetricsLog::MetricsLog(const std::string& path, std::int64_t resume_step) : path
 void MetricsLog::append(const nlohmann::ordered_json& row) {
   std::ofstream out(path_, std::ios::app);
   out << row.dump() << "\n";
-}
-
-double measured_peak_flops() {
-  static const double peak = [] {
-    const std::int64_t n = 1024;
-    Tensor a = Tensor::empty({n, n}), b = Tensor::empty({n, n});
-    fill_uniform(a, philox_key(0, "peak/a"), -1, 1);
-    fill_uniform(b, philox_key(0, "peak/b"), -1, 1);
-    double best = 1e30;
-    for (int rep = 0; rep < 4; ++rep) {
-      const auto t0 = std::chrono::steady_clock::now();
-      Tensor c = ops::matmul(a, b);
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      best = std::min(best, s);
-    }
-    return 2.0 * n * n * n / best;
-  }();
-  return peak;
 }
 
 }  // namespace motley::apps

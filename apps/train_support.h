@@ -1,5 +1,5 @@
 // What the training, evaluation and generation commands share: opening the
-// data a config names, the metrics log, and the machine's measured peak.
+// data a config names and the metrics log.
 #pragma once
 
 #include <cstdint>
@@ -41,10 +41,5 @@ class MetricsLog {
  private:
   std::string path_;
 };
-
-// Floating-point rate of this machine's float32 GEMM through motley's CPU
-// backend (a 1024^3 product, best of a few), measured once; the
-// denominator of MFU on the CPU.
-double measured_peak_flops();
 
 }  // namespace motley::apps

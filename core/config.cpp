@@ -150,6 +150,8 @@ const std::vector<Field>& schema() {
       MOTLEY_INT_FIELD("train.eval_every", train.eval_every),
       MOTLEY_INT_FIELD("train.ckpt_every", train.ckpt_every),
       MOTLEY_INT_FIELD("train.keep_last", train.keep_last),
+      MOTLEY_STRING_FIELD("train.device", train.device),
+      MOTLEY_STRING_FIELD("train.precision", train.precision),
       MOTLEY_INT_FIELD("parallel.dp", parallel.dp),
       MOTLEY_INT_FIELD("parallel.ep", parallel.ep),
       MOTLEY_INT_FIELD("parallel.pp", parallel.pp),
@@ -328,6 +330,9 @@ void validate(const Config& c) {
   require(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every,
           "must be >= 0 (0: only at the end)");
   require(t.keep_last >= 1, "train.keep_last", t.keep_last, "must be positive");
+  require(one_of(t.device, {"cpu", "cuda"}), "train.device", t.device, "must be cpu or cuda");
+  require(one_of(t.precision, {"f32", "bf16"}), "train.precision", t.precision,
+          "must be f32 or bf16");
 
   require(p.dp >= 1, "parallel.dp", p.dp, "must be positive");
   require(p.pp >= 1 && p.pp <= m.n_layers, "parallel.pp", p.pp,

@@ -84,6 +84,13 @@ struct TrainConfig {
   std::int64_t eval_every = 200;
   std::int64_t ckpt_every = 500;
   std::int64_t keep_last = 3;
+  // SPEC section 8.1. device: "cpu" | "cuda" (one GPU per rank, NCCL for
+  // every group); precision: "f32" | "bf16" (bf16 matmul inputs, fp32
+  // accumulation, master weights and optimizer state). Whether the machine
+  // and build can honour them is checked where a model is built
+  // (train/device.h), not here: a config stays loadable anywhere.
+  std::string device = "cpu";
+  std::string precision = "f32";
 };
 
 struct ParallelConfig {

@@ -145,11 +145,16 @@ ModelOutput Transformer::forward(const Tensor& tokens, const Tensor& targets,
   ModelOutput out;
   Activations act = run_layers(embed(tokens), ctx, out);
   out.lm_loss = head_loss(act.x, targets);
+  out.loss = total_loss(out.lm_loss, out.aux_loss);
   if (!out.aux_loss.defined()) {
     out.aux_loss = Variable(Tensor::zeros({}, out.lm_loss.dtype(), out.lm_loss.device()));
   }
-  out.loss = ag::add(out.lm_loss, ag::to_dtype(out.aux_loss, out.lm_loss.dtype()));
   return out;
+}
+
+Variable Transformer::total_loss(const Variable& lm_loss, const Variable& aux_loss) {
+  if (!aux_loss.defined()) return lm_loss;
+  return ag::add(lm_loss, ag::to_dtype(aux_loss, lm_loss.dtype()));
 }
 
 Variable Transformer::logits(const Tensor& tokens, const ForwardContext& ctx) {

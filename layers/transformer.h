@@ -79,6 +79,10 @@ class Transformer {
   Activations run_layers(Activations in, const ForwardContext& ctx, ModelOutput& out) const;
   Variable head_logits(const Variable& x) const;            // (B, T, V)
   Variable head_loss(const Variable& x, const Tensor& targets) const;  // 0-d mean CE
+  // The training loss of SPEC section 1: lm + aux (aux cast to lm's dtype;
+  // undefined aux, as in a dense model or a stage without MoE layers,
+  // counts as 0). The one place the loss is composed.
+  static Variable total_loss(const Variable& lm_loss, const Variable& aux_loss);
 
   // Parameter counts of the whole model (not only this shard): total, and
   // activated per token for a given number of experts per token per layer

@@ -4,6 +4,7 @@
 
 #include "autograd/engine.h"
 #include "autograd/ops.h"
+#include "core/ops.h"
 
 namespace motley::parallel {
 
@@ -17,8 +18,15 @@ std::vector<std::int64_t> inverse(const std::vector<std::int64_t>& perm) {
   return inv;
 }
 
-// out row i = in row index[i] (gather of whole rows; both contiguous).
+// out row i = in row index[i] (gather of whole rows; both contiguous). On
+// a GPU the index goes to the device (one small upload) and the rows are
+// gathered there by the backend: rows never visit the host.
 Tensor gather_rows(const Tensor& in, const std::vector<std::int64_t>& index, std::int64_t d) {
+  if (!in.device().is_cpu()) {
+    const Tensor idx =
+        Tensor::from_vector(index, {static_cast<std::int64_t>(index.size())}).to(in.device());
+    return ops::index_select_rows(in.contiguous(), idx);
+  }
   Tensor src = in.contiguous();
   Tensor out = Tensor::empty({static_cast<std::int64_t>(index.size()), d}, in.dtype(),
                              in.device());
@@ -134,8 +142,11 @@ ag::Variable CommExpertExchange::run(const ag::Variable& rows,
   const auto n_experts = static_cast<std::int64_t>(owner_.size());
   MOTLEY_CHECK(static_cast<std::int64_t>(counts.size()) == n_experts, "counts for ",
                counts.size(), " experts, placement for ", n_experts);
-  Tensor mine = Tensor::from_vector(counts, {n_experts});
-  Tensor all = Tensor::empty({ranks * n_experts}, DType::kI64);
+  // The counts travel on the rows' device (NCCL moves device tensors only);
+  // the plan is computed on the host: one small copy back per layer and
+  // direction (docs/gpu.md).
+  Tensor mine = Tensor::from_vector(counts, {n_experts}).to(rows.device());
+  Tensor all = Tensor::empty({ranks * n_experts}, DType::kI64, rows.device());
   ep_.allgather(mine, all);
   const std::vector<std::int64_t> flat = all.to_vector<std::int64_t>();
   std::vector<std::vector<std::int64_t>> all_counts(ranks);

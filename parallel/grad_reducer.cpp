@@ -107,12 +107,12 @@ void reduce_shared_gru(ParameterSet& params, const ProcessGroups& groups, std::i
       {"moe_gru.bias_hh", {3 * p}}};
   std::int64_t numel = 0;
   for (const auto& part : parts) numel += shape_numel(part.second);
-  Tensor flat = Tensor::zeros({numel}, dtype);
+  Tensor flat = Tensor::zeros({numel}, dtype, params.device());
   std::int64_t offset = 0;
   for (const auto& [name, shape] : parts) {
     const std::int64_t n = shape_numel(shape);
     if (params.contains(name) && params.get(name).grad().defined()) {
-      flat.narrow(0, offset, n).copy_(params.get(name).grad().reshape({n}).to(Device::cpu()));
+      flat.narrow(0, offset, n).copy_(params.get(name).grad().reshape({n}));
     }
     offset += n;
   }
@@ -126,7 +126,7 @@ void reduce_shared_gru(ParameterSet& params, const ProcessGroups& groups, std::i
         Tensor g = v.grad();
         g.copy_(flat.narrow(0, offset, n).view(shape));
       } else {
-        v.set_grad(flat.narrow(0, offset, n).view(shape).clone().to(v.device()));
+        v.set_grad(flat.narrow(0, offset, n).view(shape).clone());
       }
     }
     offset += n;
@@ -150,7 +150,7 @@ double global_grad_sum_of_squares(const ParameterSet& params, const ProcessGroup
     if (counted) local += ops::sum_squares(p.grad()).item();
   }
   Tensor t = Tensor::from_vector(std::vector<double>{local}, {1});
-  groups.world().allreduce_sum(t);
+  groups.host().allreduce_sum(t);
   return t.to_vector<double>()[0];
 }
 

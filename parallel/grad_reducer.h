@@ -84,7 +84,7 @@ void reduce_shared_gru(ParameterSet& params, const ProcessGroups& groups,
 // The global sum of squares of all gradients with every parameter counted
 // once: dense parameters by dp_rank 0 of their stage, experts by the first
 // EP block (dp_rank < ep), the GRU cell by dp_rank 0 of `gru_stage` (the
-// first stage holding it). Collective over the world.
+// first stage holding it). Collective over groups.host().
 double global_grad_sum_of_squares(const ParameterSet& params, const ProcessGroups& groups,
                                   int gru_stage);
 

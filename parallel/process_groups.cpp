@@ -93,10 +93,13 @@ int stage_of_layer(std::int64_t n_layers, int pp, std::int64_t layer) {
   MOTLEY_FAIL(kInternal, "layer ", layer, " outside ", n_layers, " layers");
 }
 
-ProcessGroups::ProcessGroups(std::shared_ptr<Communicator> world, const GroupLayout& layout)
-    : layout_(layout), world_(std::move(world)) {
+ProcessGroups::ProcessGroups(std::shared_ptr<Communicator> world, const GroupLayout& layout,
+                             std::shared_ptr<Communicator> host)
+    : layout_(layout), world_(std::move(world)), host_(std::move(host)) {
   MOTLEY_CHECK(world_->size() == layout_.world(), "world of ", world_->size(),
                " ranks for layout dp ", layout_.dp, " pp ", layout_.pp);
+  MOTLEY_CHECK(!host_ || (host_->size() == world_->size() && host_->rank() == world_->rank()),
+               "host communicator does not match the world");
   coords_ = layout_.coords(world_->rank());
   const RankCoords& c = coords_;
   const int rank = world_->rank();

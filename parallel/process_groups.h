@@ -63,7 +63,12 @@ int stage_of_layer(std::int64_t n_layers, int pp, std::int64_t layer);
 class ProcessGroups {
  public:
   // Collective over `world`: every rank calls it with the same layout.
-  ProcessGroups(std::shared_ptr<Communicator> world, const GroupLayout& layout);
+  // `host`: the communicator for host-side agreement (scalars, flags,
+  // statistics: CPU tensors) when `world` carries device tensors only
+  // (NCCL, SPEC section 8.1); null: `world` serves both. It must span the
+  // same ranks in the same order.
+  ProcessGroups(std::shared_ptr<Communicator> world, const GroupLayout& layout,
+                std::shared_ptr<Communicator> host = nullptr);
 
   const GroupLayout& layout() const { return layout_; }
   const RankCoords& coords() const { return coords_; }
@@ -78,6 +83,8 @@ class ProcessGroups {
   int next_stage() const { return last_stage() ? -1 : coords_.pp_rank + 1; }
 
   Communicator& world() const { return *world_; }
+  // Host tensors over the whole job (see the constructor).
+  Communicator& host() const { return host_ ? *host_ : *world_; }
   Communicator& dp() const { return *dp_; }
   Communicator& ep() const { return *ep_; }
   Communicator& expert_dp() const { return *expert_dp_; }
@@ -87,6 +94,7 @@ class ProcessGroups {
   GroupLayout layout_;
   RankCoords coords_;
   std::shared_ptr<Communicator> world_;
+  std::shared_ptr<Communicator> host_;
   std::unique_ptr<Communicator> dp_, ep_, expert_dp_, pp_;
 };
 
