@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "layers/expert_sizes.h"
 #include "nlohmann/json.hpp"
+#include "parallel/mpi_comm_handle.h"
 
 namespace motley {
 namespace fs = std::filesystem;
@@ -26,9 +27,10 @@ namespace fs = std::filesystem;
 // before the second rename leaves LATEST naming the previous checkpoint,
 // which is never deleted while LATEST names it. Readers only follow
 // LATEST, so they never see a partial file. A sharded save (many ranks,
-// one file) keeps the same order: every rank closes the file (collective),
-// rank 0 fsyncs it, all ranks meet at a barrier, and only then does rank 0
-// rename it; LATEST follows.
+// one file) keeps the same order: every rank that opened the file closes
+// it (collective under MPI-IO; rank 0 alone when the others sent it their
+// tensors, Note [Sharded save paths]), rank 0 fsyncs it, all ranks meet at
+// a barrier, and only then does rank 0 rename it; LATEST follows.
 
 // Note [Checksum attribute]
 // HDF5 1.10 cannot apply filters (Fletcher32 included) to datasets written
@@ -43,6 +45,28 @@ namespace fs = std::filesystem;
 // CheckpointReader::read verifies it whenever the attribute is present;
 // from Python: h = 14695981039346656037; for b in a.astype("<f4").tobytes():
 // h = ((h ^ b) * 1099511628211) % 2**64.
+
+// Note [Sharded save paths]
+// save_checkpoint_sharded reaches the file in one of three ways, chosen
+// from the communicator it is given (never MPI_COMM_WORLD, so that a
+// sub-communicator saves its own file):
+//   kSerial      a communicator of one rank: that rank writes through HDF5's
+//                default (POSIX) driver;
+//   kMpiIo       a communicator with an MPI handle (mpi_comm_handle()):
+//                parallel HDF5 on that MPI communicator, every writer
+//                writing its own tensors;
+//   kSendToRoot  many ranks and no MPI handle (ranks that are threads of one
+//                process): every writer sends its tensors to rank 0 over the
+//                communicator (send/recv with kShardedSaveTag, in specs
+//                order, model then exp_avg then exp_avg_sq for each tensor;
+//                messages of one pair with one tag arrive in the order
+//                sent), and rank 0 writes them through the default driver.
+// All three create the same contiguous datasets with the same "checksum"
+// attributes (Note [Checksum attribute]) and the same tokenizer dataset, so
+// the files hold the same content and load the same way under any layout
+// (tests/checkpoint compare them dataset by dataset and attribute by
+// attribute). The send-to-root path uses only send, recv, broadcast and
+// barrier, so a minimal in-process communicator suffices.
 
 namespace {
 
@@ -83,6 +107,9 @@ void silence_hdf5() {
   }();
   (void)done;
 }
+
+// See Note [Sharded save paths].
+enum class ShardedPath { kSerial, kMpiIo, kSendToRoot };
 
 // Checks an HDF5 call made while writing (kRuntime: disk full, permissions).
 hid_t check_write(hid_t id, const char* what, const std::string& path) {
@@ -382,13 +409,21 @@ void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
   silence_hdf5();
   MOTLEY_CHECK(writer.size() == specs.size(), "save_checkpoint_sharded: ", writer.size(),
                " writers for ", specs.size(), " tensors");
-  const int me = world.rank();
-  const bool mpi = world.size() > 1;
+  const int me = world.rank(), size = world.size();
+  for (std::size_t i = 0; i < writer.size(); ++i) {
+    MOTLEY_CHECK(writer[i] >= 0 && writer[i] < size, "save_checkpoint_sharded: the writer of ",
+                 specs[i].name, " is rank ", writer[i], ", not a rank of a communicator of ", size);
+  }
+  // See Note [Sharded save paths].
+  const parallel::MpiCommHandle* mpi = size > 1 ? world.mpi_comm_handle() : nullptr;
+  const ShardedPath how = size == 1 ? ShardedPath::kSerial
+                          : mpi     ? ShardedPath::kMpiIo
+                                    : ShardedPath::kSendToRoot;
   if (mpi) {
-    int world_size = 0;
-    check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &world_size), "MPI_Comm_size");
-    MOTLEY_CHECK(world_size == world.size(), "save_checkpoint_sharded: the communicator has ",
-                 world.size(), " ranks but MPI_COMM_WORLD has ", world_size);
+    int mpi_size = 0;
+    check_mpi(MPI_Comm_size(mpi->comm, &mpi_size), "MPI_Comm_size");
+    MOTLEY_CHECK(mpi_size == size, "save_checkpoint_sharded: the communicator has ", size,
+                 " ranks but its MPI handle has ", mpi_size);
   }
   const std::string tmp = path + ".tmp";
   // One clock for created_utc (an attribute: identical on every rank).
@@ -402,15 +437,49 @@ void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
   }
   if (me == 0) fs::create_directories(parent_dir(path));
   world.barrier();  // the directory exists before anyone opens the file
-  {
+
+  // Slot s = g * n + i is tensor i of group g (0 model, 1 exp_avg,
+  // 2 exp_avg_sq). This rank's copy of a slot it is the writer of, as a
+  // contiguous float32 host tensor (a copy only when stored otherwise).
+  const std::size_t n = specs.size();
+  auto local_slot = [&](std::size_t slot) -> Tensor {
+    const TensorSpec& spec = specs[slot % n];
+    MOTLEY_CHECK(local.contains(spec.name), "save_checkpoint_sharded: rank ", me,
+                 " is the writer of ", spec.name, " but does not hold it");
+    Tensor t;
+    if (slot < n) {
+      t = local.get(spec.name).data();
+    } else if (optimizer.has_state(spec.name)) {
+      const AdamWState& state = optimizer.states().at(spec.name);
+      t = slot < 2 * n ? state.exp_avg : state.exp_avg_sq;
+    } else {  // no update yet: zero moments, as AdamW would start from
+      t = Tensor::zeros(spec.shape, DType::kF32);
+    }
+    t = t.to(Device::cpu()).to(DType::kF32).contiguous();
+    MOTLEY_CHECK(t.shape() == spec.shape, "save_checkpoint_sharded: ", spec.name, " is ",
+                 shape_str(t.shape()), " on rank ", me, ", the model's is ", shape_str(spec.shape));
+    return t;
+  };
+
+  if (how == ShardedPath::kSendToRoot && me != 0) {
+    // Rank 0 writes the file; this rank only sends what it is the writer
+    // of, in the order rank 0 receives it, one tensor in memory at a time.
+    for (std::size_t i = 0; i < n; ++i) {
+      if (writer[i] != me) continue;
+      for (std::size_t slot = i; slot < 3 * n; slot += n) {
+        const Tensor t = local_slot(slot);
+        if (t.numel() > 0) world.send(t, 0, kShardedSaveTag);
+      }
+    }
+  } else {
     H5Id fapl(check_write(H5Pcreate(H5P_FILE_ACCESS), "create a property list", tmp), H5Pclose);
-    if (mpi) {
-      check_write(H5Pset_fapl_mpio(fapl.get(), MPI_COMM_WORLD, MPI_INFO_NULL),
+    if (how == ShardedPath::kMpiIo) {
+      check_write(H5Pset_fapl_mpio(fapl.get(), mpi->comm, MPI_INFO_NULL),
                   "select the MPI-IO driver", tmp);
       check_write(H5Pset_all_coll_metadata_ops(fapl.get(), true),
                   "select collective metadata reads", tmp);
-      check_write(H5Pset_coll_metadata_write(fapl.get(), true),
-                  "select collective metadata writes", tmp);
+      check_write(H5Pset_coll_metadata_write(fapl.get(), true), "select collective metadata writes",
+                  tmp);
     }
     H5Id file(check_write(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()),
                           "create the file", tmp),
@@ -419,8 +488,7 @@ void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
     write_root_attrs(root, meta, created, tmp);
     // Contiguous, allocated at creation, never filled: the writer's data is
     // the only thing written into a dataset.
-    H5Id dcpl(check_write(H5Pcreate(H5P_DATASET_CREATE), "create a property list", tmp),
-              H5Pclose);
+    H5Id dcpl(check_write(H5Pcreate(H5P_DATASET_CREATE), "create a property list", tmp), H5Pclose);
     check_write(H5Pset_layout(dcpl.get(), H5D_CONTIGUOUS), "select contiguous layout", tmp);
     check_write(H5Pset_alloc_time(dcpl.get(), H5D_ALLOC_TIME_EARLY), "set allocation time", tmp);
     check_write(H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER), "set fill time", tmp);
@@ -432,22 +500,22 @@ void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
     H5Id exp_avg_sq = make_group(optim.get(), "exp_avg_sq", tmp);
     const hid_t groups[3] = {model.get(), exp_avg.get(), exp_avg_sq.get()};
 
-    // 1. Every rank creates every dataset, in the same order (collective).
-    const std::size_t n = specs.size();
+    // 1. Every rank that opened the file creates every dataset, in the
+    // same order (collective under MPI-IO).
     std::vector<H5Id> dsets;
     dsets.reserve(3 * n);
     for (const hid_t group : groups) {
       for (const TensorSpec& spec : specs) {
         std::vector<hsize_t> dims(spec.shape.begin(), spec.shape.end());
-        H5Id space(check_write(H5Screate_simple(static_cast<int>(dims.size()), dims.data(),
-                                                nullptr),
-                               "create a dataspace", tmp),
-                   H5Sclose);
-        dsets.emplace_back(check_write(H5Dcreate2(group, spec.name.c_str(), H5T_IEEE_F32LE,
-                                                  space.get(), H5P_DEFAULT, dcpl.get(),
-                                                  H5P_DEFAULT),
-                                       "create a dataset", tmp),
-                           H5Dclose);
+        H5Id space(
+            check_write(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+                        "create a dataspace", tmp),
+            H5Sclose);
+        dsets.emplace_back(
+            check_write(H5Dcreate2(group, spec.name.c_str(), H5T_IEEE_F32LE, space.get(),
+                                   H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
+                        "create a dataset", tmp),
+            H5Dclose);
       }
     }
     H5Id tokenizer_type, tokenizer;
@@ -455,15 +523,11 @@ void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
       tokenizer = create_tokenizer_dataset(root, tokenizer_json, dcpl.get(), tmp, tokenizer_type);
     }
 
-    // 2. Each tensor's writer writes its data (independent I/O), one
-    // tensor in memory at a time, and checksums it.
+    // 2. Each tensor's data is written by its writer (independent I/O under
+    // MPI-IO) or, on the send-to-root path, by rank 0 as it arrives; one
+    // tensor in memory at a time, checksummed while it is there.
     std::vector<std::int64_t> sums(3 * n, 0);
-    auto write_one = [&](std::size_t slot, const Tensor& tensor) {
-      const Tensor t = tensor.to(Device::cpu()).to(DType::kF32).contiguous();
-      const TensorSpec& spec = specs[slot % n];
-      MOTLEY_CHECK(t.shape() == spec.shape, "save_checkpoint_sharded: ", spec.name, " is ",
-                   shape_str(t.shape()), " on rank ", me, ", the model's is ",
-                   shape_str(spec.shape));
+    auto write_slot = [&](std::size_t slot, const Tensor& t) {
       if (t.numel() > 0) {
         check_write(H5Dwrite(dsets[slot].get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT,
                              t.data<float>()),
@@ -473,19 +537,14 @@ void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
       sums[slot] = static_cast<std::int64_t>(sum);
     };
     for (std::size_t i = 0; i < n; ++i) {
-      if (writer[i] != me) continue;
-      const std::string& name = specs[i].name;
-      MOTLEY_CHECK(local.contains(name), "save_checkpoint_sharded: rank ", me,
-                   " is the writer of ", name, " but does not hold it");
-      write_one(i, local.get(name).data());
-      if (optimizer.has_state(name)) {
-        const AdamWState& state = optimizer.states().at(name);
-        write_one(n + i, state.exp_avg);
-        write_one(2 * n + i, state.exp_avg_sq);
-      } else {  // no update yet: zero moments, as AdamW would start from
-        const Tensor zeros = Tensor::zeros(specs[i].shape, DType::kF32);
-        write_one(n + i, zeros);
-        write_one(2 * n + i, zeros);
+      for (std::size_t slot = i; slot < 3 * n; slot += n) {
+        if (writer[i] == me) {
+          write_slot(slot, local_slot(slot));
+        } else if (how == ShardedPath::kSendToRoot) {
+          Tensor t = Tensor::empty(specs[i].shape, DType::kF32);
+          if (t.numel() > 0) world.recv(t, writer[i], kShardedSaveTag);
+          write_slot(slot, t);
+        }
       }
     }
     if (tokenizer.get() >= 0 && me == 0) {
@@ -494,14 +553,16 @@ void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
                   "write the tokenizer", tmp);
     }
 
-    // 3. Checksums: one all-reduce, then identical attribute writes
-    // everywhere (Note [Checksum attribute]).
-    Tensor all = Tensor::from_vector(sums, {static_cast<std::int64_t>(sums.size())});
-    world.allreduce_sum(all);
-    const std::vector<std::int64_t> reduced = all.to_vector<std::int64_t>();
+    // 3. Checksums. Under MPI-IO one all-reduce, then identical attribute
+    // writes everywhere (Note [Checksum attribute]); otherwise this rank
+    // computed every one of them.
+    if (how == ShardedPath::kMpiIo) {
+      Tensor all = Tensor::from_vector(sums, {static_cast<std::int64_t>(sums.size())});
+      world.allreduce_sum(all);
+      sums = all.to_vector<std::int64_t>();
+    }
     for (std::size_t slot = 0; slot < dsets.size(); ++slot) {
-      write_u64_attr(dsets[slot].get(), "checksum", static_cast<std::uint64_t>(reduced[slot]),
-                     tmp);
+      write_u64_attr(dsets[slot].get(), "checksum", static_cast<std::uint64_t>(sums[slot]), tmp);
     }
     dsets.clear();
     tokenizer.reset();

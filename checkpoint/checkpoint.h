@@ -14,11 +14,11 @@
 //
 // Every float32 dataset carries a checksum, verified on every read, so a
 // corrupted dataset is reported by name: HDF5's Fletcher32 filter (chunked
-// datasets; files written by one process) or, for files written by many
-// ranks through MPI-IO (where HDF5 1.10 allows no filters), a uint64
-// attribute "checksum" holding FNV-1a 64 of the little-endian float32
-// bytes of the whole tensor (Note [Checksum attribute]). The reader accepts
-// both. Files are written under a
+// datasets; files written by save_checkpoint) or, for files written by
+// save_checkpoint_sharded (many ranks, possibly through MPI-IO, where HDF5
+// 1.10 allows no filters), a uint64 attribute "checksum" holding FNV-1a 64
+// of the little-endian float32 bytes of the whole tensor (Note [Checksum
+// attribute]). The reader accepts both. Files are written under a
 // temporary name, fsync'ed and renamed, and LATEST is replaced the same
 // way afterwards: a crash at any moment leaves the previous LATEST
 // loadable. See Note [Atomic checkpoints].
@@ -83,26 +83,46 @@ std::vector<TensorSpec> global_parameter_specs(const ModelConfig& config);
 int checkpoint_writer(const std::string& name, const ModelConfig& config,
                       const parallel::GroupLayout& layout, const std::vector<int>& expert_owner);
 
+// The tag of save_checkpoint_sharded's send/recv messages over a
+// communicator without an MPI handle (below).
+inline constexpr int kShardedSaveTag = 5105;
+
 // Writes one complete checkpoint, atomically, from the shards of every rank
-// of `world`, without gathering: collective over `world` (every rank calls
-// it with the same path, meta, tokenizer, specs and writer; under MPI
-// `world` must span MPI_COMM_WORLD, which parallel HDF5 opens the file on).
+// of `world`, without gathering whole models anywhere: collective over
+// `world` and only `world` (every rank of it calls it with the same path,
+// meta, tokenizer, specs and writer; `world` may be any communicator, a
+// split of MPI_COMM_WORLD included, and other groups may save other files
+// at the same time).
 //   specs      every global tensor (global_parameter_specs), same order
 //              on every rank;
-//   writer[i]  the world rank that writes specs[i]: it must hold that
-//              parameter in `local` (and its moments in `optimizer`).
-// Every rank creates the same file, groups and contiguous datasets
-// collectively; each tensor's data is written by its writer alone
-// (independent MPI-IO) with a "checksum" attribute (Note [Checksum
-// attribute]). Extra memory per rank: at most one tensor (a float32 copy
-// when the parameter is stored otherwise). The file is written as
-// path + ".tmp", closed, fsync'ed by world rank 0 and renamed by it after
-// a barrier; on return the file is complete on every rank (LATEST is the
-// caller's: write_latest on one rank). With a world of size 1 it writes
-// the same layout through HDF5's default (POSIX) driver.
-// Throws kRuntime when HDF5 or the file system fails, kInternal when a
-// writer does not hold its tensor; a failure on one rank leaves the
-// others inside collectives, so callers abort the job (apps/train.cpp).
+//   writer[i]  the rank of `world` that writes specs[i]: it must hold that
+//              parameter in `local` (and its moments in `optimizer`; zeros
+//              are written for a parameter without optimizer state).
+// How the file is written depends on `world` (Note [Sharded save paths] in
+// checkpoint.cpp); every way writes the same content, contiguous float32
+// datasets each with a "checksum" attribute (Note [Checksum attribute]):
+//   * size 1: serially, through HDF5's default (POSIX) driver;
+//   * world.mpi_comm_handle() set: parallel HDF5 on that MPI communicator;
+//     every rank creates the file, groups and datasets collectively and
+//     each tensor's data is written by its writer alone (independent
+//     MPI-IO);
+//   * no MPI handle (ranks that are threads of one process): each writer
+//     sends its tensors as float32 to rank 0 (send/recv with tag
+//     kShardedSaveTag, in specs order) and rank 0 writes the file through
+//     the default driver; uses only send, recv, broadcast and barrier of
+//     `world`.
+// Every call on `world` passes host tensors, so `world` must take them (a
+// NcclCommunicator does not). Extra memory per rank: at most one tensor (a
+// float32 copy when the parameter is stored otherwise, or on rank 0 of the
+// last path the tensor being received). The file is written as
+// path + ".tmp", closed, fsync'ed by rank 0 of `world` and renamed by it
+// after a barrier; on return the file is complete on every rank (LATEST
+// is the caller's: write_latest on one rank).
+// Throws kRuntime when HDF5, MPI or the file system fails, kInternal when
+// a writer is not a rank of `world` (on every rank, before any
+// communication) or does not hold its tensor; a failure on one rank
+// leaves the others inside collectives or receives, so callers abort the
+// job (apps/train.cpp).
 void save_checkpoint_sharded(const std::string& path, const ParameterSet& local,
                              const AdamW& optimizer, const CheckpointMeta& meta,
                              const std::string& tokenizer_json,

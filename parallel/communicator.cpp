@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "parallel/mpi_comm_handle.h"
+
 namespace motley::parallel {
 
 void wait_all(std::vector<Request>& requests) {
@@ -152,8 +154,8 @@ std::unique_ptr<Communicator> LocalCommunicator::split(int, int) {
 
 // ---- MpiCommunicator -----------------------------------------------------------------
 
-struct MpiCommunicator::Impl {
-  MPI_Comm comm = MPI_COMM_NULL;
+// The handle is the Impl itself, so mpi_comm_handle() needs no copy.
+struct MpiCommunicator::Impl : MpiCommHandle {
   bool owned = false;
 };
 
@@ -309,6 +311,8 @@ std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) {
   impl->owned = true;
   return std::unique_ptr<Communicator>(new MpiCommunicator(std::move(impl)));
 }
+
+const MpiCommHandle* MpiCommunicator::mpi_comm_handle() const { return impl_.get(); }
 
 // ---- lifetime ------------------------------------------------------------------------
 

@@ -26,6 +26,12 @@
 
 namespace motley::parallel {
 
+// The MPI_Comm behind a communicator, for libraries that take one
+// (parallel HDF5's H5Pset_fapl_mpio). Defined in parallel/mpi_comm_handle.h,
+// which includes mpi.h; this header only names it so that it stays free of
+// mpi.h.
+struct MpiCommHandle;
+
 // A pending non-blocking operation. wait() blocks until it is complete
 // (the tensors it was given may then be read or reused); waiting twice is
 // a no-op. Destroying a request that was not waited waits first.
@@ -83,6 +89,14 @@ class Communicator {
   // Collective: ranks passing the same color form a new communicator,
   // ordered by key (then by rank in this one).
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+  // ---- native handle ----------------------------------------------------------
+  // The MPI communicator with exactly this communicator's ranks, in its rank
+  // order, when there is one: MpiCommunicator returns its own; the default,
+  // nullptr, means "not MPI" (LocalCommunicator, NcclCommunicator, ranks that
+  // are threads of one process). The handle is owned by this communicator
+  // and valid while it lives. Not collective.
+  virtual const MpiCommHandle* mpi_comm_handle() const { return nullptr; }
 };
 
 // Size 1, no peers: collectives copy or do nothing; send/recv throw
@@ -110,11 +124,11 @@ class LocalCommunicator final : public Communicator {
   std::unique_ptr<Communicator> split(int color, int key) override;
 };
 
-// Wraps an MPI communicator handle (an MPI_Comm, passed as its integer or
-// pointer value through `MpiHandle` so that this header does not include
-// mpi.h). The world communicator is not freed; communicators made by
-// split() are freed on destruction. Sets MPI_ERRORS_RETURN on the
-// communicator so failures surface as kRuntime errors instead of aborts.
+// Wraps an MPI communicator (MPI_COMM_WORLD or one made by split(); its
+// MPI_Comm is reachable through mpi_comm_handle()). The world communicator
+// is not freed; communicators made by split() are freed on destruction.
+// Sets MPI_ERRORS_RETURN on the communicator so failures surface as
+// kRuntime errors instead of aborts.
 class MpiCommunicator final : public Communicator {
  public:
   // MPI_COMM_WORLD (MPI must be initialised).
@@ -140,6 +154,7 @@ class MpiCommunicator final : public Communicator {
   Request isend(Tensor t, int dest, int tag) override;
   Request irecv(Tensor t, int src, int tag) override;
   std::unique_ptr<Communicator> split(int color, int key) override;
+  const MpiCommHandle* mpi_comm_handle() const override;
 
  private:
   struct Impl;

@@ -2,13 +2,23 @@
 
 #include <hdf5.h>
 
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <tuple>
 
 #include <gtest/gtest.h>
 
 #include "core/ops.h"
 #include "layers/transformer.h"
+#include "tests/checkpoint/hdf5_content.h"
 
 namespace motley {
 namespace {
@@ -310,6 +320,253 @@ TEST(Checkpoint, LatestAndPruning) {
   // LATEST naming a missing file is a clear error.
   fs::remove(checkpoint_path(dir, 4));
   expect_checkpoint_error([&] { latest_checkpoint(dir); }, "does not exist");
+}
+
+// ---- sharded save over a communicator without MPI ------------------------------------
+
+// A test-only communicator whose ranks are threads of this process: just
+// what save_checkpoint_sharded's send-to-root path may use (send, recv,
+// broadcast, barrier), so that a call to anything else fails the test
+// (Note [Sharded save paths]). send copies into a mailbox and returns;
+// waits give up after a deadline instead of hanging the test.
+class ThreadGroup {
+ public:
+  explicit ThreadGroup(int size) : size_(size) {}
+  int size() const { return size_; }
+
+  void post(int src, int dst, int tag, const void* data, std::size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto* p = static_cast<const char*>(data);
+    mailbox_[{src, dst, tag}].emplace_back(p, p + bytes);
+    cv_.notify_all();
+  }
+  std::vector<char> take(int src, int dst, int tag) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto& queue = mailbox_[{src, dst, tag}];
+    MOTLEY_CHECK_KIND(kRuntime, cv_.wait_for(lock, kDeadline, [&] { return !queue.empty(); }),
+                      "ThreadGroup: rank ", dst, " waited too long for rank ", src, " tag ", tag);
+    std::vector<char> out = std::move(queue.front());
+    queue.pop_front();
+    return out;
+  }
+  void barrier() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const std::int64_t generation = generation_;
+    if (++arrived_ == size_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    MOTLEY_CHECK_KIND(kRuntime,
+                      cv_.wait_for(lock, kDeadline, [&] { return generation_ != generation; }),
+                      "ThreadGroup: barrier waited too long");
+  }
+
+ private:
+  static constexpr std::chrono::seconds kDeadline{60};
+  const int size_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::tuple<int, int, int>, std::deque<std::vector<char>>> mailbox_;
+  int arrived_ = 0;
+  std::int64_t generation_ = 0;
+};
+
+class ThreadCommunicator final : public parallel::Communicator {
+ public:
+  ThreadCommunicator(ThreadGroup& group, int rank) : group_(group), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return group_.size(); }
+
+  void send(const Tensor& t, int dest, int tag) override {
+    check(t, "send");
+    group_.post(rank_, dest, tag, t.raw_data(), t.nbytes());
+  }
+  void recv(Tensor& t, int src, int tag) override {
+    check(t, "recv");
+    const std::vector<char> bytes = group_.take(src, rank_, tag);
+    MOTLEY_CHECK_KIND(kRuntime, bytes.size() == t.nbytes(), "recv from rank ", src, ": got ",
+                      bytes.size(), " bytes, expected ", t.nbytes());
+    std::memcpy(t.raw_data(), bytes.data(), bytes.size());
+  }
+  void broadcast(Tensor& t, int root) override {
+    if (rank_ == root) {
+      for (int r = 0; r < size(); ++r) {
+        if (r != root) send(t, r, kBroadcastTag);
+      }
+    } else {
+      recv(t, root, kBroadcastTag);
+    }
+  }
+  void barrier() override { group_.barrier(); }
+
+  // Not needed by the send-to-root path: calling one fails the test.
+  void allreduce_sum(Tensor&) override { unsupported("allreduce_sum"); }
+  parallel::Request iallreduce_sum(Tensor) override { unsupported("iallreduce_sum"); }
+  void reduce_scatter_sum(const Tensor&, Tensor&) override { unsupported("reduce_scatter_sum"); }
+  void allgather(const Tensor&, Tensor&) override { unsupported("allgather"); }
+  void allgatherv(const Tensor&, Tensor&, const std::vector<std::int64_t>&) override {
+    unsupported("allgatherv");
+  }
+  void alltoallv(const Tensor&, const std::vector<std::int64_t>&, Tensor&,
+                 const std::vector<std::int64_t>&) override {
+    unsupported("alltoallv");
+  }
+  void alltoallv_bytes(const void*, const std::vector<std::int64_t>&, void*,
+                       const std::vector<std::int64_t>&) override {
+    unsupported("alltoallv_bytes");
+  }
+  parallel::Request isend(Tensor, int, int) override { unsupported("isend"); }
+  parallel::Request irecv(Tensor, int, int) override { unsupported("irecv"); }
+  std::unique_ptr<parallel::Communicator> split(int, int) override { unsupported("split"); }
+
+ private:
+  static constexpr int kBroadcastTag = -1;  // never used by callers
+  static void check(const Tensor& t, const char* what) {
+    MOTLEY_CHECK(t.device().is_cpu() && t.is_contiguous(), what, ": ", t.str());
+  }
+  [[noreturn]] static void unsupported(const char* what) {
+    MOTLEY_FAIL(kInternal, "ThreadCommunicator::", what, " is not supported");
+  }
+  ThreadGroup& group_;
+  const int rank_;
+};
+
+// Runs body(rank) on `size` threads, one ThreadCommunicator each; rethrows
+// the first exception.
+template <typename F>
+void run_ranks(int size, F body) {
+  ThreadGroup group(size);
+  std::vector<std::exception_ptr> errors(size);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < size; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        ThreadCommunicator comm(group, r);
+        body(comm);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const std::exception_ptr& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+TEST(Checkpoint, ShardedSaveWithoutMpiSendsToRankZeroAndWritesTheSameFile) {
+  const std::string dir = temp_dir("sharded_threads");
+  Trained t;
+  CheckpointMeta meta = t.meta();
+  meta.created_utc = "2024-05-06T07:08:09Z";  // one clock for both files
+  meta.dp = 3;
+  const std::vector<TensorSpec> specs = global_parameter_specs(t.config.model);
+  // Reference: the serial path (a world of one).
+  const std::string reference = dir + "/reference.h5";
+  {
+    parallel::LocalCommunicator one;
+    save_checkpoint_sharded(reference, t.model.params(), t.optimizer, meta, "{\"tok\": 3}", specs,
+                            std::vector<int>(specs.size(), 0), one);
+  }
+  // Three ranks as threads: ranks 0 and 1 alternate as writers, rank 2
+  // writes nothing. Each rank holds the same model and optimizer (same
+  // seed, same steps) with everything it does not write poisoned, so a
+  // tensor taken from the wrong rank fails the comparison.
+  constexpr int kRanks = 3;
+  std::vector<int> writer;
+  for (std::size_t i = 0; i < specs.size(); ++i) writer.push_back(static_cast<int>(i % 2));
+  std::vector<std::unique_ptr<Trained>> ranks;
+  for (int r = 0; r < kRanks; ++r) {
+    ranks.push_back(std::make_unique<Trained>());
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      if (writer[i] == r) continue;
+      const autograd::Variable& p = ranks[r]->model.params().get(specs[i].name);
+      Tensor data = p.data();
+      data.copy_(ops::scale(data, -7.0 - r));
+      AdamWState& state = ranks[r]->optimizer.state(p);
+      state.exp_avg.copy_(ops::scale(state.exp_avg, 3.0));
+      state.exp_avg_sq.copy_(ops::scale(state.exp_avg_sq, 5.0));
+    }
+  }
+  const std::string threaded = dir + "/threads.h5";
+  run_ranks(kRanks, [&](parallel::Communicator& comm) {
+    EXPECT_TRUE(comm.mpi_comm_handle() == nullptr);  // the send-to-root path
+    const Trained& mine = *ranks[comm.rank()];
+    save_checkpoint_sharded(threaded, mine.model.params(), mine.optimizer, meta, "{\"tok\": 3}",
+                            specs, writer, comm);
+    // Complete under its name on every rank when the call returns.
+    EXPECT_TRUE(fs::exists(threaded));
+    EXPECT_FALSE(fs::exists(threaded + ".tmp"));
+  });
+
+  // The same content, dataset by dataset and attribute by attribute
+  // (checksums included), as the serial path.
+  hdf5_content::expect_same_content(reference, threaded);
+  // ... which is not vacuous: save_checkpoint's chunked, Fletcher32 file
+  // differs in layout and attributes.
+  const std::string chunked = dir + "/chunked.h5";
+  save_checkpoint(chunked, t.model.params(), &t.optimizer, meta, "{\"tok\": 3}");
+  EXPECT_NE(hdf5_content::content(chunked), hdf5_content::content(reference));
+
+  const CheckpointReader reader = CheckpointReader::open(threaded);
+  EXPECT_EQ(reader.meta().step, 2);
+  EXPECT_EQ(reader.meta().dp, 3);
+  EXPECT_EQ(reader.meta().created_utc, meta.created_utc);
+  EXPECT_EQ(reader.optimizer_step(), 2);
+  EXPECT_EQ(reader.tokenizer_json().value(), "{\"tok\": 3}");
+  EXPECT_EQ(reader.names("model").size(), specs.size());
+  Transformer fresh(t.config.model, 99);
+  AdamW opt(t.config.train);
+  load_checkpoint(reader, fresh.params(), &opt);
+  EXPECT_EQ(opt.step_count(), 2);
+  for (const autograd::Variable& p : t.model.params().all()) {
+    const autograd::Variable& q = fresh.params().get(p.name());
+    EXPECT_EQ(ops::max_abs_diff(p.data(), q.data()), 0.0) << p.name();
+    EXPECT_EQ(ops::max_abs_diff(t.optimizer.state(p).exp_avg, opt.state(q).exp_avg), 0.0)
+        << p.name();
+    EXPECT_EQ(ops::max_abs_diff(t.optimizer.state(p).exp_avg_sq, opt.state(q).exp_avg_sq), 0.0)
+        << p.name();
+  }
+
+  // Without a created_utc, rank 0's clock reaches every rank (broadcast)
+  // and the file still loads.
+  CheckpointMeta undated = meta;
+  undated.created_utc.clear();
+  const std::string second = dir + "/undated.h5";
+  run_ranks(kRanks, [&](parallel::Communicator& comm) {
+    const Trained& mine = *ranks[comm.rank()];
+    save_checkpoint_sharded(second, mine.model.params(), mine.optimizer, undated, "", specs, writer,
+                            comm);
+  });
+  const CheckpointReader again = CheckpointReader::open(second);
+  EXPECT_FALSE(again.meta().created_utc.empty());
+  EXPECT_FALSE(again.tokenizer_json().has_value());
+  Transformer fresh2(t.config.model, 98);
+  load_checkpoint(again, fresh2.params(), nullptr);
+  EXPECT_EQ(ops::max_abs_diff(t.model.params().get("lm_head.weight").data(),
+                              fresh2.params().get("lm_head.weight").data()),
+            0.0);
+}
+
+TEST(Checkpoint, ShardedSaveRejectsAWriterOutsideTheCommunicator) {
+  const std::string dir = temp_dir("sharded_bad_writer");
+  Trained t;
+  const std::vector<TensorSpec> specs = global_parameter_specs(t.config.model);
+  std::vector<int> writer(specs.size(), 0);
+  writer.back() = 1;  // a world of one has no rank 1
+  parallel::LocalCommunicator one;
+  try {
+    save_checkpoint_sharded(dir + "/x.h5", t.model.params(), t.optimizer, t.meta(), "", specs,
+                            writer, one);
+    FAIL() << "expected kInternal";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInternal) << e.what();
+    EXPECT_NE(std::string(e.what()).find(specs.back().name), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(dir + "/x.h5"));
+  EXPECT_FALSE(fs::exists(dir + "/x.h5.tmp"));
 }
 
 }  // namespace

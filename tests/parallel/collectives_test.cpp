@@ -11,6 +11,7 @@
 #include "autograd/ops.h"
 #include "parallel/communicator.h"
 #include "parallel/expert_exchange.h"
+#include "parallel/mpi_comm_handle.h"
 #include "parallel/process_groups.h"
 
 namespace motley::parallel {
@@ -94,6 +95,29 @@ TEST(Mpi, ErrorsAreRuntimeErrorsNamingTheCall) {
     EXPECT_EQ(e.kind(), ErrorKind::kRuntime);
     EXPECT_NE(std::string(e.what()).find("MPI_Send"), std::string::npos) << e.what();
   }
+}
+
+// mpi_comm_handle(): the MPI communicator with exactly the same ranks in
+// the same order, for world and for a split; none for LocalCommunicator.
+TEST(Mpi, NativeHandleIsTheCommunicatorsOwn) {
+  auto w = world();
+  const MpiCommHandle* handle = w->mpi_comm_handle();
+  ASSERT_TRUE(handle != nullptr);
+  int same = MPI_UNEQUAL;
+  ASSERT_EQ(MPI_Comm_compare(handle->comm, MPI_COMM_WORLD, &same), MPI_SUCCESS);
+  EXPECT_EQ(same, MPI_IDENT);
+  // Reversed halves: the split's rank order differs from the world's.
+  const std::unique_ptr<Communicator> half = w->split(w->rank() % 2, -w->rank());
+  const MpiCommHandle* half_handle = half->mpi_comm_handle();
+  ASSERT_TRUE(half_handle != nullptr);
+  int rank = -1, size = -1;
+  ASSERT_EQ(MPI_Comm_rank(half_handle->comm, &rank), MPI_SUCCESS);
+  ASSERT_EQ(MPI_Comm_size(half_handle->comm, &size), MPI_SUCCESS);
+  EXPECT_EQ(rank, half->rank());
+  EXPECT_EQ(size, half->size());
+  EXPECT_EQ(size, (w->size() + 1 - w->rank() % 2) / 2);
+  LocalCommunicator local;
+  EXPECT_TRUE(local.mpi_comm_handle() == nullptr);
 }
 
 TEST(Mpi, ProcessGroupsMatchTheLayout) {
