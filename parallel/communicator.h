@@ -5,6 +5,8 @@
 //   LocalCommunicator  size 1: collectives are identities, so a single
 //                      process runs the parallel code paths unchanged
 //   NcclCommunicator   CUDA tensors over NCCL (nccl_communicator.h, CUDA builds)
+//   ThreadCommunicator ranks as threads of one process, for tests without
+//                      mpirun (thread_communicator.h)
 //
 // Communicators are values handed to whoever needs them (ProcessGroups in
 // process_groups.h), never globals. Every call is collective over the
