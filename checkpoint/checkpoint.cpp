@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "layers/expert_sizes.h"
+#include "layers/parameter_layout.h"
 #include "nlohmann/json.hpp"
 #include "parallel/mpi_comm_handle.h"
 
@@ -320,55 +321,8 @@ std::uint64_t fnv1a64(const void* data, std::size_t size) {
 }
 
 std::vector<TensorSpec> global_parameter_specs(const ModelConfig& config) {
-  // Mirrors Transformer's constructor for the whole model (tested against
-  // it in tests/checkpoint: GlobalSpecsMatchTheModel).
-  const std::int64_t d = config.d_model, n_experts = config.moe.n_experts;
-  const std::vector<std::int64_t> sizes = expert_hidden_sizes(config.moe);
   std::vector<TensorSpec> out;
-  auto add = [&](std::string name, Shape shape) { out.push_back({std::move(name), shape}); };
-  add("embed.weight", {config.vocab_size, d});
-  bool any_moe = false;
-  for (std::int64_t l = 0; l < config.n_layers; ++l) any_moe |= config.is_moe_layer(l);
-  if (any_moe && config.moe.router == "gru") {
-    const std::int64_t p = config.moe.gru_dim;
-    add("moe_gru.weight_ih", {3 * p, p});
-    add("moe_gru.weight_hh", {3 * p, p});
-    add("moe_gru.bias_ih", {3 * p});
-    add("moe_gru.bias_hh", {3 * p});
-  }
-  for (std::int64_t l = 0; l < config.n_layers; ++l) {
-    const std::string prefix = absl::StrCat("layers.", l, ".");
-    add(prefix + "attn_norm.weight", {d});
-    add(prefix + "attn.wq", {d, d});
-    add(prefix + "attn.wk", {d, d});
-    add(prefix + "attn.wv", {d, d});
-    add(prefix + "attn.wo", {d, d});
-    add(prefix + "ffn_norm.weight", {d});
-    if (!config.is_moe_layer(l)) {
-      const std::int64_t h = config.ffn_hidden;
-      add(prefix + "ffn.w1", {h, d});
-      add(prefix + "ffn.w2", {d, h});
-      add(prefix + "ffn.w3", {h, d});
-      continue;
-    }
-    const std::string moe = prefix + "moe.";
-    if (config.moe.router == "gru") {
-      add(moe + "router.proj", {config.moe.gru_dim, d});
-      add(moe + "router.gate", {n_experts, config.moe.gru_dim});
-    } else {
-      add(moe + "router.weight", {n_experts, d});
-      if (config.moe.router == "noisy") add(moe + "router.noise", {n_experts, d});
-    }
-    for (std::int64_t e = 0; e < n_experts; ++e) {
-      const std::string ex = absl::StrCat(moe, "experts.", e, ".");
-      const std::int64_t h = sizes[e];
-      add(ex + "w1", {h, d});
-      add(ex + "w2", {d, h});
-      add(ex + "w3", {h, d});
-    }
-  }
-  add("final_norm.weight", {d});
-  add("lm_head.weight", {config.vocab_size, d});
+  for (const ParameterSpec& spec : parameter_layout(config)) out.push_back({spec.name, spec.shape});
   return out;
 }
 

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "autograd/ops.h"
 #include "layers/expert_sizes.h"
+#include "layers/parameter_layout.h"
 
 namespace motley {
 
@@ -13,7 +14,7 @@ namespace ag = autograd;
 Transformer::Transformer(const ModelConfig& config, std::uint64_t seed, DType dtype,
                          Device device, ModelShard shard)
     : config_(config), params_(seed, dtype, device) {
-  const std::int64_t d = config.d_model, n_layers = config.n_layers;
+  const std::int64_t n_layers = config.n_layers;
   const std::int64_t n_experts = config.moe.n_experts;
   layer_begin_ = shard.layer_begin;
   layer_end_ = shard.layer_end < 0 ? n_layers : shard.layer_end;
@@ -25,63 +26,59 @@ Transformer::Transformer(const ModelConfig& config, std::uint64_t seed, DType dt
   MOTLEY_CHECK(static_cast<std::int64_t>(hold.size()) == n_experts, "hold_expert has ",
                hold.size(), " entries for ", n_experts, " experts");
 
-  const Init matrix = Init::normal(0.02);
-  // Output projections of residual branches: N(0, 0.02 / sqrt(2 L)).
-  const Init residual = Init::normal(0.02 / std::sqrt(2.0 * static_cast<double>(n_layers)));
-
-  if (has_embedding()) embed_ = params_.add("embed.weight", {config.vocab_size, d}, matrix);
-  bool any_moe = false;
-  for (std::int64_t l = layer_begin_; l < layer_end_; ++l) any_moe |= config.is_moe_layer(l);
-  if (any_moe && config.moe.router == "gru") {
-    const std::int64_t p = config.moe.gru_dim;
-    const Init gru_init = Init::uniform(1.0 / std::sqrt(static_cast<double>(p)));
-    gru_.weight_ih = params_.add("moe_gru.weight_ih", {3 * p, p}, gru_init);
-    gru_.weight_hh = params_.add("moe_gru.weight_hh", {3 * p, p}, gru_init);
-    gru_.bias_ih = params_.add("moe_gru.bias_ih", {3 * p}, gru_init);
-    gru_.bias_hh = params_.add("moe_gru.bias_hh", {3 * p}, gru_init);
+  // Register the shard's parameters from the one description of the
+  // model (Note [Parameter layout]), then wire them to the layers by name.
+  for (const ParameterSpec& spec : parameter_layout(config)) {
+    if (shard_holds(spec, config, layer_begin_, layer_end_, hold)) {
+      params_.add(spec.name, spec.shape, spec.init);
+    }
+  }
+  auto get = [&](const std::string& name) { return params_.get(name); };
+  if (has_embedding()) embed_ = get("embed.weight");
+  if (params_.contains("moe_gru.weight_ih")) {
+    gru_.weight_ih = get("moe_gru.weight_ih");
+    gru_.weight_hh = get("moe_gru.weight_hh");
+    gru_.bias_ih = get("moe_gru.bias_ih");
+    gru_.bias_hh = get("moe_gru.bias_hh");
     has_gru_ = true;
   }
   for (std::int64_t l = layer_begin_; l < layer_end_; ++l) {
     const std::string prefix = absl::StrCat("layers.", l, ".");
     Layer layer;
-    layer.attn_norm = params_.add(prefix + "attn_norm.weight", {d}, Init::ones());
-    layer.attn.wq = params_.add(prefix + "attn.wq", {d, d}, matrix);
-    layer.attn.wk = params_.add(prefix + "attn.wk", {d, d}, matrix);
-    layer.attn.wv = params_.add(prefix + "attn.wv", {d, d}, matrix);
-    layer.attn.wo = params_.add(prefix + "attn.wo", {d, d}, residual);
-    layer.ffn_norm = params_.add(prefix + "ffn_norm.weight", {d}, Init::ones());
+    layer.attn_norm = get(prefix + "attn_norm.weight");
+    layer.attn.wq = get(prefix + "attn.wq");
+    layer.attn.wk = get(prefix + "attn.wk");
+    layer.attn.wv = get(prefix + "attn.wv");
+    layer.attn.wo = get(prefix + "attn.wo");
+    layer.ffn_norm = get(prefix + "ffn_norm.weight");
     layer.is_moe = config.is_moe_layer(l);
     if (!layer.is_moe) {
-      const std::int64_t h = config.ffn_hidden;
-      layer.ffn.w1 = params_.add(prefix + "ffn.w1", {h, d}, matrix);
-      layer.ffn.w2 = params_.add(prefix + "ffn.w2", {d, h}, residual);
-      layer.ffn.w3 = params_.add(prefix + "ffn.w3", {h, d}, matrix);
+      layer.ffn.w1 = get(prefix + "ffn.w1");
+      layer.ffn.w2 = get(prefix + "ffn.w2");
+      layer.ffn.w3 = get(prefix + "ffn.w3");
     } else {
       const std::string moe = prefix + "moe.";
       if (config.moe.router == "gru") {
-        layer.moe.proj = params_.add(moe + "router.proj", {config.moe.gru_dim, d}, matrix);
-        layer.moe.gate = params_.add(moe + "router.gate", {n_experts, config.moe.gru_dim}, matrix);
+        layer.moe.proj = get(moe + "router.proj");
+        layer.moe.gate = get(moe + "router.gate");
       } else {
-        layer.moe.router = params_.add(moe + "router.weight", {n_experts, d}, matrix);
-        if (config.moe.router == "noisy") {
-          layer.moe.noise = params_.add(moe + "router.noise", {n_experts, d}, matrix);
-        }
+        layer.moe.router = get(moe + "router.weight");
+        if (config.moe.router == "noisy") layer.moe.noise = get(moe + "router.noise");
       }
       layer.moe.experts.resize(n_experts);
       for (std::int64_t e = 0; e < n_experts; ++e) {
         if (!hold[e]) continue;
         const std::string ex = absl::StrCat(moe, "experts.", e, ".");
-        const std::int64_t h = expert_sizes_[e];
-        layer.moe.experts[e].w1 = params_.add(ex + "w1", {h, d}, matrix);
-        layer.moe.experts[e].w2 = params_.add(ex + "w2", {d, h}, residual);
-        layer.moe.experts[e].w3 = params_.add(ex + "w3", {h, d}, matrix);
+        layer.moe.experts[e].w1 = get(ex + "w1");
+        layer.moe.experts[e].w2 = get(ex + "w2");
+        layer.moe.experts[e].w3 = get(ex + "w3");
       }
     }
     layers_.push_back(std::move(layer));
   }
   if (has_head()) {
-    final_norm_ = params_.add("final_norm.weight", {d}, Init::ones());
-    lm_head_ = params_.add("lm_head.weight", {config.vocab_size, d}, matrix);
+    final_norm_ = get("final_norm.weight");
+    lm_head_ = get("lm_head.weight");
   }
 }
 
@@ -163,27 +160,6 @@ Variable Transformer::logits(const Tensor& tokens, const ForwardContext& ctx) {
   return head_logits(run_layers(embed(tokens), ctx, unused).x);
 }
 
-std::int64_t Transformer::total_parameters() const {
-  const std::int64_t d = config_.d_model, v = config_.vocab_size, p = config_.moe.gru_dim;
-  const std::int64_t e = config_.moe.n_experts;
-  std::int64_t n = 2 * v * d + d;  // embed, lm_head, final norm
-  bool gru = false;
-  for (std::int64_t l = 0; l < config_.n_layers; ++l) {
-    n += 4 * d * d + 2 * d;
-    if (!config_.is_moe_layer(l)) {
-      n += 3 * d * config_.ffn_hidden;
-      continue;
-    }
-    for (std::int64_t s : expert_sizes_) n += 3 * d * s;
-    if (config_.moe.router == "gru") {
-      n += p * d + e * p;
-      gru = true;
-    } else {
-      n += (config_.moe.router == "noisy" ? 2 : 1) * e * d;
-    }
-  }
-  if (gru) n += 2 * 3 * p * p + 2 * 3 * p;
-  return n;
-}
+std::int64_t Transformer::total_parameters() const { return parameter_count(config_); }
 
 }  // namespace motley

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/ops.h"
+#include "layers/parameter_layout.h"
 
 namespace motley::parallel {
 
@@ -97,14 +98,14 @@ void GradReducer::finish() {
   armed_ = false;
 }
 
-void reduce_shared_gru(ParameterSet& params, const ProcessGroups& groups, std::int64_t gru_dim,
-                       DType dtype) {
-  const std::int64_t p = gru_dim;
-  const std::vector<std::pair<std::string, Shape>> parts = {
-      {"moe_gru.weight_ih", {3 * p, p}},
-      {"moe_gru.weight_hh", {3 * p, p}},
-      {"moe_gru.bias_ih", {3 * p}},
-      {"moe_gru.bias_hh", {3 * p}}};
+void reduce_shared_gru(ParameterSet& params, const ProcessGroups& groups,
+                       const ModelConfig& config) {
+  // The cell's tensors, as Note [Parameter layout] describes them.
+  std::vector<std::pair<std::string, Shape>> parts;
+  for (const ParameterSpec& spec : parameter_layout(config)) {
+    if (spec.part == ParameterSpec::Part::kGruCell) parts.emplace_back(spec.name, spec.shape);
+  }
+  const DType dtype = params.dtype();
   std::int64_t numel = 0;
   for (const auto& part : parts) numel += shape_numel(part.second);
   Tensor flat = Tensor::zeros({numel}, dtype, params.device());

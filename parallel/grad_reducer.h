@@ -79,7 +79,7 @@ class GradReducer {
 // without the cell contribute zeros). Collective over groups.pp(); every
 // rank calls it when the router is gru and pp > 1.
 void reduce_shared_gru(ParameterSet& params, const ProcessGroups& groups,
-                       std::int64_t gru_dim, DType dtype);
+                       const ModelConfig& config);
 
 // The global sum of squares of all gradients with every parameter counted
 // once: dense parameters by dp_rank 0 of their stage, experts by the first

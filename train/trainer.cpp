@@ -140,8 +140,7 @@ StepResult Trainer::step() {
   PipelineResult p = pipeline_.run(*model_, r.step, batches_, exchange_.get(), reducer_.get());
   if (reducer_) reducer_->finish();
   if (gru_stage_ >= 0 && layout.pp > 1) {
-    par::reduce_shared_gru(model_->params(), *groups_, config_.model.moe.gru_dim,
-                           model_->params().dtype());
+    par::reduce_shared_gru(model_->params(), *groups_, config_.model);
   }
   // Losses: every rank adds its share (lm on the last stage, aux on each
   // stage with MoE layers); the sums over the world are the step's means.

@@ -1,13 +1,15 @@
 #include "layers/transformer.h"
 
+#include <gtest/gtest.h>
+
+#include <algorithm>
 #include <cmath>
 #include <fstream>
-
-#include <gtest/gtest.h>
 
 #include "autograd/engine.h"
 #include "autograd/ops.h"
 #include "core/ops.h"
+#include "layers/parameter_layout.h"
 #include "nlohmann/json.hpp"
 
 namespace motley {
@@ -206,6 +208,49 @@ TEST(Transformer, EveryVariantTrainsInOneProcess) {
     }
     EXPECT_NEAR(first, std::log(64.0), 0.3);  // an untrained model is near uniform
     EXPECT_LT(last, 0.5 * first) << "loss went from " << first << " to " << last;
+  }
+}
+
+// Note [Parameter layout]: a shard registers exactly the layout's entries
+// it holds, in the layout's order, with the layout's shapes; the count
+// of the whole model is the layout's sum, for every router and mix of
+// dense and MoE layers.
+TEST(ParameterLayout, ShardsRegisterTheirEntriesInLayoutOrder) {
+  for (const char* router : {"linear", "noisy", "gru"}) {
+    for (const std::int64_t every : {1, 2}) {
+      ModelConfig config = tiny_config();
+      config.moe.router = router;
+      config.moe.every = every;
+      const std::vector<ParameterSpec> layout = parameter_layout(config);
+      std::int64_t total = 0;
+      for (const ParameterSpec& s : layout) total += shape_numel(s.shape);
+      EXPECT_EQ(Transformer(config, 3).total_parameters(), total);
+      const std::vector<std::vector<bool>> holds = {
+          {}, {true, false, true, false}, {false, true, false, true}};
+      for (std::int64_t begin = 0; begin < config.n_layers; ++begin) {
+        for (std::int64_t end = begin + 1; end <= config.n_layers; ++end) {
+          for (const std::vector<bool>& hold : holds) {
+            ModelShard shard{begin, end, hold};
+            const Transformer model(config, 3, DType::kF32, Device::cpu(), shard);
+            std::vector<std::string> want;
+            for (const ParameterSpec& s : layout) {
+              if (shard_holds(s, config, begin, end, hold)) want.push_back(s.name);
+            }
+            std::vector<std::string> got;
+            for (const Variable& p : model.params().all()) {
+              got.push_back(p.name());
+              const auto it =
+                  std::find_if(layout.begin(), layout.end(),
+                               [&](const ParameterSpec& s) { return s.name == p.name(); });
+              ASSERT_NE(it, layout.end()) << p.name();
+              EXPECT_EQ(p.shape(), it->shape) << p.name();
+            }
+            EXPECT_EQ(got, want) << router << " every " << every << " [" << begin << ", " << end
+                                 << ")";
+          }
+        }
+      }
+    }
   }
 }
 
