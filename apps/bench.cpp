@@ -56,8 +56,8 @@ double time_sgemm(const Tensor& a, const Tensor& b) {
 }
 
 // One MoE layer, forward and backward, on `tokens` rows of width d.
-MoEBench bench_moe_layer(const ModelConfig& model, const std::string& sizes_scheme,
-                         std::int64_t tokens, int reps) {
+MoEBench bench_moe_layer(const ModelConfig& model, ExpertSizing sizes_scheme, std::int64_t tokens,
+                         int reps) {
   MoEConfig cfg = model.moe;
   cfg.expert_sizes = sizes_scheme;
   const std::vector<std::int64_t> sizes = expert_hidden_sizes(cfg);
@@ -137,23 +137,25 @@ int bench_main(int argc, char** argv) {
                 static_cast<long long>(config.model.d_model),
                 static_cast<long long>(config.model.moe.n_experts),
                 static_cast<long long>(moe_tokens),
-                config.model.moe.selection == "topk"
+                config.model.moe.selection == SelectionKind::kTopK
                     ? ("top-" + std::to_string(config.model.moe.top_k)).c_str()
                     : "top-p");
     std::printf("  %-11s %10s %12s %12s %10s %s\n", "sizes", "ms", "GFLOP/s", "sgemm GF/s",
                 "of sgemm", "expert sizes");
     double uniform_s = 0;
-    for (const char* scheme : {"uniform", "modse", "arithmetic"}) {
+    for (const ExpertSizing sizing :
+         {ExpertSizing::kUniform, ExpertSizing::kModse, ExpertSizing::kArithmetic}) {
+      const char* scheme = config_name(sizing);
       MoEConfig moe = config.model.moe;
-      moe.expert_sizes = scheme;
-      if (std::string(scheme) == "modse" && moe.n_experts % 2 != 0) continue;
-      const MoEBench b = bench_moe_layer(config.model, scheme, moe_tokens, reps);
-      if (std::string(scheme) == "uniform") uniform_s = b.seconds;
+      moe.expert_sizes = sizing;
+      if (sizing == ExpertSizing::kModse && moe.n_experts % 2 != 0) continue;
+      const MoEBench b = bench_moe_layer(config.model, sizing, moe_tokens, reps);
+      if (sizing == ExpertSizing::kUniform) uniform_s = b.seconds;
       std::printf("  %-11s %10.2f %12.1f %12.1f %9.0f%% %s\n", scheme, b.seconds * 1e3,
                   b.flops / b.seconds / 1e9, b.sgemm_rate / 1e9,
                   100.0 * b.flops / b.seconds / b.sgemm_rate,
                   absl::StrJoin(expert_hidden_sizes(moe), " ").c_str());
-      if (uniform_s > 0 && std::string(scheme) != "uniform") {
+      if (uniform_s > 0 && sizing != ExpertSizing::kUniform) {
         std::printf("  %-11s time relative to uniform: %.2f\n", "", b.seconds / uniform_s);
       }
     }

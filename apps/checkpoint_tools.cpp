@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <numeric>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "apps/cli.h"
@@ -15,8 +16,8 @@
 #include "apps/train_support.h"
 #include "autograd/ops.h"
 #include "checkpoint/checkpoint.h"
-#include "data/sampler.h"
 #include "core/philox.h"
+#include "data/sampler.h"
 #include "layers/expert_sizes.h"
 #include "train/device.h"
 
@@ -197,10 +198,12 @@ int inspect_main(int argc, char** argv) {
   const std::vector<std::int64_t> sizes = expert_hidden_sizes(mc.moe);
   if (mc.moe.n_experts > 0) {
     std::printf("moe           %lld experts (%s: %s), router %s%s, %s\n",
-                static_cast<long long>(mc.moe.n_experts), mc.moe.expert_sizes.c_str(),
-                absl::StrJoin(sizes, " ").c_str(), mc.moe.router.c_str(),
-                mc.moe.router == "gru" ? (" (" + mc.moe.gru_state + ")").c_str() : "",
-                mc.moe.selection == "topk"
+                static_cast<long long>(mc.moe.n_experts), config_name(mc.moe.expert_sizes),
+                absl::StrJoin(sizes, " ").c_str(), config_name(mc.moe.router),
+                mc.moe.router == RouterKind::kGru
+                    ? absl::StrCat(" (", config_name(mc.moe.gru_state), ")").c_str()
+                    : "",
+                mc.moe.selection == SelectionKind::kTopK
                     ? absl::StrFormat("top-%d", mc.moe.top_k).c_str()
                     : absl::StrFormat("top-p %.2f (max %d)", mc.moe.top_p, mc.moe.max_k).c_str());
   }
@@ -222,7 +225,8 @@ int inspect_main(int argc, char** argv) {
     for (std::int64_t l = 0; l < mc.n_layers; ++l) moe_layers += mc.is_moe_layer(l) ? 1 : 0;
     const double mean_expert =
         static_cast<double>(experts_total) / static_cast<double>(moe_layers * mc.moe.n_experts);
-    const double k = mc.moe.selection == "topk" ? static_cast<double>(mc.moe.top_k) : 0.0;
+    const double k =
+        mc.moe.selection == SelectionKind::kTopK ? static_cast<double>(mc.moe.top_k) : 0.0;
     const double embed = static_cast<double>(mc.vocab_size * mc.d_model);
     const double non_expert = static_cast<double>(total - experts_total) - embed;
     if (k > 0) {

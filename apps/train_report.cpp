@@ -22,7 +22,7 @@ void print_layout(const train::Trainer& trainer) {
   const Config& config = trainer.config();
   const ModelConfig& m = config.model;
   std::printf("parallel: %d ranks = pp %d x dp %d, ep %d, placement %s%s\n", layout.world(),
-              layout.pp, layout.dp, layout.ep, config.parallel.placement.c_str(),
+              layout.pp, layout.dp, layout.ep, config_name(config.parallel.placement),
               trainer.replace_every() > 0
                   ? absl::StrFormat(" (from sizes; re-placed from measured routing every %d "
                                     "steps when the max per-rank load drops >= %.0f%%)",
@@ -75,12 +75,12 @@ void print_model_summary(const train::Trainer& trainer) {
               static_cast<long long>(m.n_heads), static_cast<long long>(m.vocab_size));
   if (m.moe.n_experts > 0) {
     std::printf("experts: %lld per MoE layer (%s sizes: %s), router %s, selection %s\n",
-                static_cast<long long>(m.moe.n_experts), m.moe.expert_sizes.c_str(),
-                absl::StrJoin(model.expert_sizes(), " ").c_str(), m.moe.router.c_str(),
-                m.moe.selection.c_str());
+                static_cast<long long>(m.moe.n_experts), config_name(m.moe.expert_sizes),
+                absl::StrJoin(model.expert_sizes(), " ").c_str(), config_name(m.moe.router),
+                config_name(m.moe.selection));
   }
   std::printf("device: %s, precision %s\n", trainer.device().str().c_str(),
-              trainer.config().train.precision.c_str());
+              config_name(trainer.config().train.precision));
   if (trainer.groups().layout().world() > 1) print_layout(trainer);
   std::fflush(stdout);
 }

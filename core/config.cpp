@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <sstream>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/check.h"
@@ -65,6 +67,75 @@ std::string read_string(const Json& j, const std::string& key) {
   wrong_type(key, "a string", j);
 }
 
+// Each string option's spellings, in the order the error message lists them.
+template <typename E>
+struct EnumNames;
+template <>
+struct EnumNames<RouterKind> {
+  static constexpr std::pair<const char*, RouterKind> kValues[] = {
+      {"linear", RouterKind::kLinear}, {"noisy", RouterKind::kNoisy}, {"gru", RouterKind::kGru}};
+};
+template <>
+struct EnumNames<GruStateMode> {
+  static constexpr std::pair<const char*, GruStateMode> kValues[] = {
+      {"recurrent", GruStateMode::kRecurrent},
+      {"detached", GruStateMode::kDetached},
+      {"none", GruStateMode::kNone}};
+};
+template <>
+struct EnumNames<SelectionKind> {
+  static constexpr std::pair<const char*, SelectionKind> kValues[] = {
+      {"topk", SelectionKind::kTopK}, {"topp", SelectionKind::kTopP}};
+};
+template <>
+struct EnumNames<ExpertSizing> {
+  static constexpr std::pair<const char*, ExpertSizing> kValues[] = {
+      {"uniform", ExpertSizing::kUniform},
+      {"modse", ExpertSizing::kModse},
+      {"arithmetic", ExpertSizing::kArithmetic},
+      {"list", ExpertSizing::kList}};
+};
+template <>
+struct EnumNames<PlacementKind> {
+  static constexpr std::pair<const char*, PlacementKind> kValues[] = {
+      {"contiguous", PlacementKind::kContiguous},
+      {"pairs", PlacementKind::kPairs},
+      {"balanced", PlacementKind::kBalanced}};
+};
+template <>
+struct EnumNames<Precision> {
+  static constexpr std::pair<const char*, Precision> kValues[] = {{"f32", Precision::kF32},
+                                                                  {"bf16", Precision::kBF16}};
+};
+template <>
+struct EnumNames<DeviceType> {
+  static constexpr std::pair<const char*, DeviceType> kValues[] = {{"cpu", DeviceType::kCPU},
+                                                                   {"cuda", DeviceType::kCUDA}};
+};
+
+template <typename E>
+const char* enum_name(E v) {
+  for (const auto& [name, value] : EnumNames<E>::kValues) {
+    if (value == v) return name;
+  }
+  MOTLEY_FAIL(kInternal, "enum value ", static_cast<int>(v), " has no config name");
+}
+
+// `allowed`: how many of the leading spellings a user may write (the rest
+// are set by other forms, such as "list" by a JSON list).
+template <typename E>
+E read_enum(const Json& j, const std::string& key,
+            std::size_t allowed = std::size(EnumNames<E>::kValues)) {
+  const std::string v = read_string(j, key);
+  std::vector<std::string> names;
+  for (std::size_t i = 0; i < allowed; ++i) {
+    const auto& [name, value] = EnumNames<E>::kValues[i];
+    if (v == name) return value;
+    names.push_back(absl::StrCat("\"", name, "\""));
+  }
+  MOTLEY_FAIL(kUsage, "config key '", key, "' = \"", v, "\": must be ", absl::StrJoin(names, ", "));
+}
+
 #define MOTLEY_INT_FIELD(name, member)                                               \
   Field {                                                                            \
     name, [](Config& c, const Json& j, const std::string& k) { c.member = read_int(j, k); }, \
@@ -80,6 +151,12 @@ std::string read_string(const Json& j, const std::string& key) {
   Field {                                                                            \
     name, [](Config& c, const Json& j, const std::string& k) { c.member = read_bool(j, k); }, \
         [](const Config& c) { return Json(c.member); }                               \
+  }
+#define MOTLEY_ENUM_FIELD(name, member, Enum)                                                     \
+  Field {                                                                                         \
+    name,                                                                                         \
+        [](Config& c, const Json& j, const std::string& k) { c.member = read_enum<Enum>(j, k); }, \
+        [](const Config& c) { return Json(enum_name(c.member)); }                                 \
   }
 #define MOTLEY_STRING_FIELD(name, member)                                            \
   Field {                                                                            \
@@ -104,10 +181,11 @@ const std::vector<Field>& schema() {
       Field{"model.moe.expert_sizes",
             [](Config& c, const Json& j, const std::string& k) {
               if (j.is_string()) {
-                c.model.moe.expert_sizes = j.get<std::string>();
+                // "list" is spelled as a JSON list, not as a string.
+                c.model.moe.expert_sizes = read_enum<ExpertSizing>(j, k, 3);
                 c.model.moe.expert_size_list.clear();
               } else if (j.is_array()) {
-                c.model.moe.expert_sizes = "list";
+                c.model.moe.expert_sizes = ExpertSizing::kList;
                 c.model.moe.expert_size_list.clear();
                 for (const Json& e : j) c.model.moe.expert_size_list.push_back(read_int(e, k));
               } else {
@@ -115,14 +193,15 @@ const std::vector<Field>& schema() {
               }
             },
             [](const Config& c) {
-              return c.model.moe.expert_sizes == "list" ? Json(c.model.moe.expert_size_list)
-                                                        : Json(c.model.moe.expert_sizes);
+              return c.model.moe.expert_sizes == ExpertSizing::kList
+                         ? Json(c.model.moe.expert_size_list)
+                         : Json(enum_name(c.model.moe.expert_sizes));
             }},
       MOTLEY_INT_FIELD("model.moe.size_multiple", model.moe.size_multiple),
-      MOTLEY_STRING_FIELD("model.moe.router", model.moe.router),
+      MOTLEY_ENUM_FIELD("model.moe.router", model.moe.router, RouterKind),
       MOTLEY_INT_FIELD("model.moe.gru_dim", model.moe.gru_dim),
-      MOTLEY_STRING_FIELD("model.moe.gru_state", model.moe.gru_state),
-      MOTLEY_STRING_FIELD("model.moe.selection", model.moe.selection),
+      MOTLEY_ENUM_FIELD("model.moe.gru_state", model.moe.gru_state, GruStateMode),
+      MOTLEY_ENUM_FIELD("model.moe.selection", model.moe.selection, SelectionKind),
       MOTLEY_DOUBLE_FIELD("model.moe.top_p", model.moe.top_p),
       MOTLEY_INT_FIELD("model.moe.max_k", model.moe.max_k),
       MOTLEY_BOOL_FIELD("model.moe.renormalize", model.moe.renormalize),
@@ -150,12 +229,12 @@ const std::vector<Field>& schema() {
       MOTLEY_INT_FIELD("train.eval_every", train.eval_every),
       MOTLEY_INT_FIELD("train.ckpt_every", train.ckpt_every),
       MOTLEY_INT_FIELD("train.keep_last", train.keep_last),
-      MOTLEY_STRING_FIELD("train.device", train.device),
-      MOTLEY_STRING_FIELD("train.precision", train.precision),
+      MOTLEY_ENUM_FIELD("train.device", train.device, DeviceType),
+      MOTLEY_ENUM_FIELD("train.precision", train.precision, Precision),
       MOTLEY_INT_FIELD("parallel.dp", parallel.dp),
       MOTLEY_INT_FIELD("parallel.ep", parallel.ep),
       MOTLEY_INT_FIELD("parallel.pp", parallel.pp),
-      MOTLEY_STRING_FIELD("parallel.placement", parallel.placement),
+      MOTLEY_ENUM_FIELD("parallel.placement", parallel.placement, PlacementKind),
       MOTLEY_INT_FIELD("parallel.replace_every", parallel.replace_every),
       MOTLEY_STRING_FIELD("data.train", data.train),
       MOTLEY_STRING_FIELD("data.valid", data.valid),
@@ -168,6 +247,7 @@ const std::vector<Field>& schema() {
 #undef MOTLEY_DOUBLE_FIELD
 #undef MOTLEY_BOOL_FIELD
 #undef MOTLEY_STRING_FIELD
+#undef MOTLEY_ENUM_FIELD
 
 const Field* find_field(const std::string& key) {
   for (const Field& f : schema()) {
@@ -237,13 +317,6 @@ void require(bool ok, const char* key, const T& value, const std::string& why) {
   }
 }
 
-bool one_of(const std::string& v, std::initializer_list<const char*> options) {
-  for (const char* o : options) {
-    if (v == o) return true;
-  }
-  return false;
-}
-
 void validate(const Config& c) {
   const ModelConfig& m = c.model;
   const MoEConfig& e = m.moe;
@@ -266,10 +339,7 @@ void validate(const Config& c) {
             absl::StrCat("must be in [1, n_experts = ", e.n_experts, "]"));
     require(e.expert_hidden >= 1, "model.moe.expert_hidden", e.expert_hidden,
             "must be positive");
-    require(one_of(e.expert_sizes, {"uniform", "modse", "arithmetic", "list"}),
-            "model.moe.expert_sizes", e.expert_sizes,
-            "must be \"uniform\", \"modse\", \"arithmetic\" or a list of integers");
-    if (e.expert_sizes == "list") {
+    if (e.expert_sizes == ExpertSizing::kList) {
       require(static_cast<std::int64_t>(e.expert_size_list.size()) == e.n_experts,
               "model.moe.expert_sizes", Json(e.expert_size_list).dump(),
               absl::StrCat("must list n_experts = ", e.n_experts, " sizes"));
@@ -277,19 +347,12 @@ void validate(const Config& c) {
         require(s >= 1, "model.moe.expert_sizes", s, "every size must be positive");
       }
     }
-    if (e.expert_sizes == "modse") {
+    if (e.expert_sizes == ExpertSizing::kModse) {
       require(e.n_experts % 2 == 0, "model.moe.n_experts", e.n_experts,
               "modse expert sizes come in pairs: n_experts must be even");
     }
-    require(e.size_multiple >= 1, "model.moe.size_multiple", e.size_multiple,
-            "must be positive");
-    require(one_of(e.router, {"linear", "noisy", "gru"}), "model.moe.router", e.router,
-            "must be linear, noisy or gru");
+    require(e.size_multiple >= 1, "model.moe.size_multiple", e.size_multiple, "must be positive");
     require(e.gru_dim >= 1, "model.moe.gru_dim", e.gru_dim, "must be positive");
-    require(one_of(e.gru_state, {"recurrent", "detached", "none"}), "model.moe.gru_state",
-            e.gru_state, "must be recurrent, detached or none");
-    require(one_of(e.selection, {"topk", "topp"}), "model.moe.selection", e.selection,
-            "must be topk or topp");
     require(e.top_p > 0 && e.top_p <= 1, "model.moe.top_p", e.top_p, "must be in (0, 1]");
     require(e.max_k >= 0 && e.max_k <= e.n_experts, "model.moe.max_k", e.max_k,
             absl::StrCat("must be in [0, n_experts = ", e.n_experts, "] (0: n_experts)"));
@@ -330,9 +393,6 @@ void validate(const Config& c) {
   require(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every,
           "must be >= 0 (0: only at the end)");
   require(t.keep_last >= 1, "train.keep_last", t.keep_last, "must be positive");
-  require(one_of(t.device, {"cpu", "cuda"}), "train.device", t.device, "must be cpu or cuda");
-  require(one_of(t.precision, {"f32", "bf16"}), "train.precision", t.precision,
-          "must be f32 or bf16");
 
   require(p.dp >= 1, "parallel.dp", p.dp, "must be positive");
   require(p.pp >= 1 && p.pp <= m.n_layers, "parallel.pp", p.pp,
@@ -345,13 +405,31 @@ void validate(const Config& c) {
   } else {
     require(p.ep == 1, "parallel.ep", p.ep, "must be 1 for a dense model");
   }
-  require(one_of(p.placement, {"contiguous", "pairs", "balanced"}), "parallel.placement",
-          p.placement, "must be contiguous, pairs or balanced");
   require(p.replace_every >= 0, "parallel.replace_every", p.replace_every,
           "must be >= 0 (0: never re-place)");
 }
 
 }  // namespace
+
+const char* config_name(RouterKind v) { return enum_name(v); }
+const char* config_name(GruStateMode v) { return enum_name(v); }
+const char* config_name(SelectionKind v) { return enum_name(v); }
+const char* config_name(ExpertSizing v) { return enum_name(v); }
+const char* config_name(PlacementKind v) { return enum_name(v); }
+const char* config_name(Precision v) { return enum_name(v); }
+const char* config_name(DeviceType v) { return enum_name(v); }
+
+template <typename E>
+E parse_config_name(const std::string& text, const std::string& key) {
+  return read_enum<E>(Json(text), key);
+}
+template RouterKind parse_config_name<RouterKind>(const std::string&, const std::string&);
+template GruStateMode parse_config_name<GruStateMode>(const std::string&, const std::string&);
+template SelectionKind parse_config_name<SelectionKind>(const std::string&, const std::string&);
+template ExpertSizing parse_config_name<ExpertSizing>(const std::string&, const std::string&);
+template PlacementKind parse_config_name<PlacementKind>(const std::string&, const std::string&);
+template Precision parse_config_name<Precision>(const std::string&, const std::string&);
+template DeviceType parse_config_name<DeviceType>(const std::string&, const std::string&);
 
 bool ModelConfig::is_moe_layer(std::int64_t layer) const {
   if (moe.n_experts == 0 || layer < moe.first_dense) return false;

@@ -19,9 +19,32 @@
 #include <string>
 #include <vector>
 
+#include "core/device.h"
 #include "nlohmann/json.hpp"
 
 namespace motley {
+
+// The config's string options, parsed once when the config is read (an
+// unknown value is a kUsage error naming the key) and written back with
+// the same spelling by resolved_json(). config_name() gives that spelling.
+enum class RouterKind : std::uint8_t { kLinear, kNoisy, kGru };           // model.moe.router
+enum class GruStateMode : std::uint8_t { kRecurrent, kDetached, kNone };  // model.moe.gru_state
+enum class SelectionKind : std::uint8_t { kTopK, kTopP };                 // model.moe.selection
+enum class ExpertSizing : std::uint8_t { kUniform, kModse, kArithmetic, kList };  // expert_sizes
+enum class PlacementKind : std::uint8_t { kContiguous, kPairs, kBalanced };  // parallel.placement
+enum class Precision : std::uint8_t { kF32, kBF16 };                         // train.precision
+
+const char* config_name(RouterKind v);     // "linear", "noisy", "gru"
+const char* config_name(GruStateMode v);   // "recurrent", "detached", "none"
+const char* config_name(SelectionKind v);  // "topk", "topp"
+const char* config_name(ExpertSizing v);   // "uniform", "modse", "arithmetic", "list"
+const char* config_name(PlacementKind v);  // "contiguous", "pairs", "balanced"
+const char* config_name(Precision v);      // "f32", "bf16"
+const char* config_name(DeviceType v);     // "cpu", "cuda"
+// The value spelled `text` (one of config_name's spellings for E); kUsage
+// naming `key` and the allowed spellings otherwise.
+template <typename E>
+E parse_config_name(const std::string& text, const std::string& key);
 
 struct MoEAuxConfig {
   double balance = 0.01;
@@ -34,14 +57,14 @@ struct MoEConfig {
   std::int64_t n_experts = 8;         // 0: every layer dense
   std::int64_t top_k = 2;
   std::int64_t expert_hidden = 640;   // mean expert hidden size
-  // "uniform", "modse", "arithmetic", or an explicit list (expert_size_list)
-  std::string expert_sizes = "uniform";
+  // uniform, modse, arithmetic, or kList: the explicit expert_size_list
+  ExpertSizing expert_sizes = ExpertSizing::kUniform;
   std::vector<std::int64_t> expert_size_list;
   std::int64_t size_multiple = 8;
-  std::string router = "linear";      // linear | noisy | gru
+  RouterKind router = RouterKind::kLinear;
   std::int64_t gru_dim = 128;
-  std::string gru_state = "recurrent";  // recurrent | detached | none
-  std::string selection = "topk";     // topk | topp
+  GruStateMode gru_state = GruStateMode::kRecurrent;
+  SelectionKind selection = SelectionKind::kTopK;
   double top_p = 0.6;
   std::int64_t max_k = 0;             // 0: n_experts
   bool renormalize = true;
@@ -89,15 +112,15 @@ struct TrainConfig {
   // accumulation, master weights and optimizer state). Whether the machine
   // and build can honour them is checked where a model is built
   // (train/device.h), not here: a config stays loadable anywhere.
-  std::string device = "cpu";
-  std::string precision = "f32";
+  DeviceType device = DeviceType::kCPU;
+  Precision precision = Precision::kF32;
 };
 
 struct ParallelConfig {
   std::int64_t dp = 1;
   std::int64_t ep = 1;
   std::int64_t pp = 1;
-  std::string placement = "contiguous";  // contiguous | pairs | balanced
+  PlacementKind placement = PlacementKind::kContiguous;
   // balanced with ep > 1: steps between re-placement decisions from
   // measured routing (Note [Re-placement] in parallel/placement.h); 0: never.
   std::int64_t replace_every = 100;

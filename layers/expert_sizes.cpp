@@ -52,12 +52,12 @@ std::vector<std::int64_t> round_sizes_keeping_total(const std::vector<double>& r
 std::vector<std::int64_t> expert_hidden_sizes(const MoEConfig& moe) {
   const std::int64_t e = moe.n_experts;
   if (e == 0) return {};
-  if (moe.expert_sizes == "list") return moe.expert_size_list;
-  if (moe.expert_sizes == "uniform") {
+  if (moe.expert_sizes == ExpertSizing::kList) return moe.expert_size_list;
+  if (moe.expert_sizes == ExpertSizing::kUniform) {
     return std::vector<std::int64_t>(e, moe.expert_hidden);
   }
   std::vector<double> raw(e);
-  if (moe.expert_sizes == "modse") {
+  if (moe.expert_sizes == ExpertSizing::kModse) {
     MOTLEY_CHECK_KIND(kUsage, e % 2 == 0, "model.moe.expert_sizes = modse needs an even ",
                       "n_experts, got ", e);
     const std::int64_t pairs = e / 2;
@@ -71,7 +71,7 @@ std::vector<std::int64_t> expert_hidden_sizes(const MoEConfig& moe) {
       raw[2 * i] = big;
       raw[2 * i + 1] = 2.0 - big;
     }
-  } else if (moe.expert_sizes == "arithmetic") {
+  } else if (moe.expert_sizes == ExpertSizing::kArithmetic) {
     for (std::int64_t i = 0; i < e; ++i) raw[i] = 9.0 + 2.0 * i;
   } else {
     MOTLEY_FAIL(kUsage, "unknown model.moe.expert_sizes '", moe.expert_sizes, "'");

@@ -45,20 +45,20 @@ Tensor router_noise(const MoEContext& ctx, std::int64_t n_tokens, std::int64_t n
 Variable router_logits(const MoEConfig& config, const MoEWeights& w, const GruWeights* gru,
                        const Variable& m, const Variable& prev_state, const MoEContext& ctx,
                        Variable* new_state) {
-  if (config.router == "linear") return ag::linear(m, w.router);
-  if (config.router == "noisy") {
+  if (config.router == RouterKind::kLinear) return ag::linear(m, w.router);
+  if (config.router == RouterKind::kNoisy) {
     Variable clean = ag::linear(m, w.router);
     if (!ctx.training) return clean;
     Tensor eps = router_noise(ctx, m.size(0), config.n_experts, m.dtype(), m.device());
     return ag::add(clean, ag::mul(Variable(eps), ag::softplus(ag::linear(m, w.noise))));
   }
-  MOTLEY_CHECK(config.router == "gru", "unknown router ", config.router);
+  MOTLEY_CHECK(config.router == RouterKind::kGru, "unknown router ", config.router);
   MOTLEY_CHECK(gru != nullptr, "gru router without GRU weights");
   const std::int64_t p = w.proj.size(0);
   Variable prev;
-  if (!prev_state.defined() || config.gru_state == "none") {
+  if (!prev_state.defined() || config.gru_state == GruStateMode::kNone) {
     prev = Variable(Tensor::zeros({m.size(0), p}, m.dtype(), m.device()));
-  } else if (config.gru_state == "detached") {
+  } else if (config.gru_state == GruStateMode::kDetached) {
     prev = prev_state.detach();
   } else {
     prev = prev_state;
@@ -86,7 +86,7 @@ MoEResult moe_forward(const MoEConfig& config, const std::vector<std::int64_t>& 
   const std::vector<double> host_probs = probs.data().to_vector<double>();
   const Selection selection =
       ctx.fixed_selection ? *ctx.fixed_selection
-      : config.selection == "topp"
+      : config.selection == SelectionKind::kTopP
           ? select_topp(host_probs, n_tokens, n_experts, config.top_p, config.max_k)
           : select_topk(host_probs, n_tokens, n_experts, config.top_k);
   const DispatchPlan plan = plan_dispatch(

@@ -22,7 +22,7 @@ std::vector<ParameterSpec> parameter_layout(const ModelConfig& config) {
   add("embed.weight", {config.vocab_size, d}, matrix, Part::kEmbedding);
   bool any_moe = false;
   for (std::int64_t l = 0; l < n_layers; ++l) any_moe |= config.is_moe_layer(l);
-  if (any_moe && config.moe.router == "gru") {
+  if (any_moe && config.moe.router == RouterKind::kGru) {
     const Init gru = Init::uniform(1.0 / std::sqrt(static_cast<double>(p)));  // as GRUCell
     add("moe_gru.weight_ih", {3 * p, p}, gru, Part::kGruCell);
     add("moe_gru.weight_hh", {3 * p, p}, gru, Part::kGruCell);
@@ -47,12 +47,12 @@ std::vector<ParameterSpec> parameter_layout(const ModelConfig& config) {
       continue;
     }
     const std::string moe = prefix + "moe.";
-    if (config.moe.router == "gru") {
+    if (config.moe.router == RouterKind::kGru) {
       add(moe + "router.proj", {p, d}, matrix, Part::kLayer, l);
       add(moe + "router.gate", {n_experts, p}, matrix, Part::kLayer, l);
     } else {
       add(moe + "router.weight", {n_experts, d}, matrix, Part::kLayer, l);
-      if (config.moe.router == "noisy") {
+      if (config.moe.router == RouterKind::kNoisy) {
         add(moe + "router.noise", {n_experts, d}, matrix, Part::kLayer, l);
       }
     }

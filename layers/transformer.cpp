@@ -58,12 +58,12 @@ Transformer::Transformer(const ModelConfig& config, std::uint64_t seed, DType dt
       layer.ffn.w3 = get(prefix + "ffn.w3");
     } else {
       const std::string moe = prefix + "moe.";
-      if (config.moe.router == "gru") {
+      if (config.moe.router == RouterKind::kGru) {
         layer.moe.proj = get(moe + "router.proj");
         layer.moe.gate = get(moe + "router.gate");
       } else {
         layer.moe.router = get(moe + "router.weight");
-        if (config.moe.router == "noisy") layer.moe.noise = get(moe + "router.noise");
+        if (config.moe.router == RouterKind::kNoisy) layer.moe.noise = get(moe + "router.noise");
       }
       layer.moe.experts.resize(n_experts);
       for (std::int64_t e = 0; e < n_experts; ++e) {

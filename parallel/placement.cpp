@@ -83,12 +83,11 @@ std::vector<int> place_balanced(const std::vector<double>& load, int ep) {
   return greedy(load, ep, static_cast<std::int64_t>(load.size()) / ep);
 }
 
-std::vector<int> place_experts(const std::string& method, const std::vector<std::int64_t>& sizes,
-                               int ep, const std::vector<double>& tokens) {
+std::vector<int> place_experts(PlacementKind method, const std::vector<std::int64_t>& sizes, int ep,
+                               const std::vector<double>& tokens) {
   const auto n = static_cast<std::int64_t>(sizes.size());
-  if (method == "contiguous") return place_contiguous(n, ep);
-  if (method == "pairs") return place_pairs(sizes, ep);
-  MOTLEY_CHECK_KIND(kUsage, method == "balanced", "unknown parallel.placement '", method, "'");
+  if (method == PlacementKind::kContiguous) return place_contiguous(n, ep);
+  if (method == PlacementKind::kPairs) return place_pairs(sizes, ep);
   std::vector<double> load(sizes.size());
   for (std::size_t e = 0; e < sizes.size(); ++e) {
     load[e] = (tokens.empty() ? 1.0 : tokens[e]) * static_cast<double>(sizes[e]);

@@ -45,6 +45,8 @@
 #include <string>
 #include <vector>
 
+#include "core/config.h"
+
 namespace motley::parallel {
 
 // contiguous: experts [r*E/ep, (r+1)*E/ep) on rank r.
@@ -66,8 +68,8 @@ std::vector<int> place_balanced(const std::vector<double>& load, int ep);
 
 // Dispatch on parallel.placement. `tokens` are measured routed tokens per
 // expert (empty: assume uniform routing, so load = h_e).
-std::vector<int> place_experts(const std::string& method, const std::vector<std::int64_t>& sizes,
-                               int ep, const std::vector<double>& tokens = {});
+std::vector<int> place_experts(PlacementKind method, const std::vector<std::int64_t>& sizes, int ep,
+                               const std::vector<double>& tokens = {});
 
 // Per-rank sums: number of expert parameters per layer (3 * d * h_e) and
 // load, for printing and tests.

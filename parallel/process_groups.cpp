@@ -65,14 +65,11 @@ void validate_layout(const Config& config, int world_size) {
                     " exceeds model.n_layers = ", config.model.n_layers,
                     ": every pipeline stage needs at least one layer");
   const std::int64_t shards = p.dp * config.train.micro_batches;
-  MOTLEY_CHECK_KIND(kUsage, config.train.batch_size % shards == 0, "train.batch_size = ",
-                    config.train.batch_size, " must be divisible by parallel.dp * "
-                    "train.micro_batches = ", p.dp, " * ", config.train.micro_batches, " = ",
-                    shards);
-  MOTLEY_CHECK_KIND(kUsage, p.placement == "contiguous" || p.placement == "pairs" ||
-                                p.placement == "balanced",
-                    "parallel.placement must be contiguous, pairs or balanced, got '",
-                    p.placement, "'");
+  MOTLEY_CHECK_KIND(kUsage, config.train.batch_size % shards == 0,
+                    "train.batch_size = ", config.train.batch_size,
+                    " must be divisible by parallel.dp * "
+                    "train.micro_batches = ",
+                    p.dp, " * ", config.train.micro_batches, " = ", shards);
 }
 
 StageLayers stage_layers(std::int64_t n_layers, int pp, int stage) {

@@ -9,9 +9,7 @@
 namespace motley::train {
 
 Device compute_device(const TrainConfig& train, int local_rank) {
-  if (train.device == "cpu") return Device::cpu();
-  MOTLEY_CHECK_KIND(kUsage, train.device == "cuda", "train.device = '", train.device,
-                    "' must be cpu or cuda");
+  if (train.device == DeviceType::kCPU) return Device::cpu();
 #if !defined(MOTLEY_WITH_CUDA)
   MOTLEY_FAIL(kUsage,
               "train.device = cuda, but this motley was built without CUDA (nvcc was not found "
@@ -27,9 +25,7 @@ Device compute_device(const TrainConfig& train, int local_rank) {
 }
 
 void check_precision(const TrainConfig& train, Device device) {
-  if (train.precision == "f32") return;
-  MOTLEY_CHECK_KIND(kUsage, train.precision == "bf16", "train.precision = '", train.precision,
-                    "' must be f32 or bf16");
+  if (train.precision == Precision::kF32) return;
   if (device.is_cpu()) {
     MOTLEY_FAIL(kUsage,
                 "train.precision = bf16 is not supported on the CPU: bf16 matmuls through "

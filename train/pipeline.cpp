@@ -36,7 +36,7 @@ PipelineExecutor::PipelineExecutor(const Config& config, const par::ProcessGroup
 
 bool PipelineExecutor::state_crosses(std::int64_t layer_end) const {
   const ModelConfig& m = config_.model;
-  if (m.moe.n_experts == 0 || m.moe.router != "gru") return false;
+  if (m.moe.n_experts == 0 || m.moe.router != RouterKind::kGru) return false;
   for (std::int64_t l = 0; l < layer_end; ++l) {
     if (m.is_moe_layer(l)) return true;
   }

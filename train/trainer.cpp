@@ -86,7 +86,7 @@ Trainer::Trainer(const Config& config, std::shared_ptr<par::ProcessGroups> group
   const ModelConfig& m = config_.model;
   const par::GroupLayout& layout = groups_->layout();
   model_ = build_model(owner_);
-  if (m.moe.n_experts > 0 && m.moe.router == "gru") {
+  if (m.moe.n_experts > 0 && m.moe.router == RouterKind::kGru) {
     for (std::int64_t l = 0; l < m.n_layers && gru_stage_ < 0; ++l) {
       if (m.is_moe_layer(l)) gru_stage_ = par::stage_of_layer(m.n_layers, layout.pp, l);
     }
@@ -94,9 +94,10 @@ Trainer::Trainer(const Config& config, std::shared_ptr<par::ProcessGroups> group
   if (layout.ep > 1) {
     exchange_ = std::make_unique<par::CommExpertExchange>(groups_->ep(), owner_);
   }
-  replace_every_ = layout.ep > 1 && m.moe.n_experts > 0 && config_.parallel.placement == "balanced"
-                       ? config_.parallel.replace_every
-                       : 0;
+  replace_every_ =
+      layout.ep > 1 && m.moe.n_experts > 0 && config_.parallel.placement == PlacementKind::kBalanced
+          ? config_.parallel.replace_every
+          : 0;
   window_ = ReplacementWindow(replace_every_);
   build_reducer();
   fault_injection_from_env(fault_rank_, fault_step_);

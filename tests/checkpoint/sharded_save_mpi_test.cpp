@@ -80,7 +80,8 @@ struct Shard {
     layout.pp = size >= 4 ? 2 : 1;
     layout.dp = size / layout.pp;
     layout.ep = layout.dp % 2 == 0 ? 2 : 1;
-    owner = parallel::place_experts("pairs", expert_hidden_sizes(config.model.moe), layout.ep);
+    owner = parallel::place_experts(PlacementKind::kPairs, expert_hidden_sizes(config.model.moe),
+                                    layout.ep);
     const parallel::RankCoords at = layout.coords(rank);
     const parallel::StageLayers block =
         parallel::stage_layers(config.model.n_layers, layout.pp, at.pp_rank);

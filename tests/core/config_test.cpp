@@ -31,10 +31,10 @@ TEST(Config, FileThenOverrides) {
                                          "model.moe.expert_sizes=[64,64,64,64,64,64,64,64]",
                                          "data.train=some/file.h5"});
   EXPECT_EQ(c.model.d_model, 64);
-  EXPECT_EQ(c.model.moe.router, "gru");
+  EXPECT_EQ(c.model.moe.router, RouterKind::kGru);
   EXPECT_DOUBLE_EQ(c.model.moe.aux.z_loss, 0.001);
   EXPECT_DOUBLE_EQ(c.train.lr, 3e-4);
-  EXPECT_EQ(c.model.moe.expert_sizes, "list");
+  EXPECT_EQ(c.model.moe.expert_sizes, ExpertSizing::kList);
   EXPECT_EQ(c.model.moe.expert_size_list.size(), 8u);
   EXPECT_EQ(c.data.train, "some/file.h5");
   EXPECT_EQ(c.model.n_layers, Config::defaults().model.n_layers);

@@ -14,7 +14,7 @@ MoEConfig moe(std::int64_t e, std::int64_t hidden, const std::string& scheme,
   MoEConfig c;
   c.n_experts = e;
   c.expert_hidden = hidden;
-  c.expert_sizes = scheme;
+  c.expert_sizes = parse_config_name<ExpertSizing>(scheme, "model.moe.expert_sizes");
   c.size_multiple = multiple;
   return c;
 }

@@ -32,7 +32,7 @@ MoEFixture make_moe(const std::string& router, std::vector<std::int64_t> sizes,
                     const std::string& tag = "moe") {
   MoEFixture f;
   f.config.n_experts = static_cast<std::int64_t>(sizes.size());
-  f.config.router = router;
+  f.config.router = parse_config_name<RouterKind>(router, "model.moe.router");
   f.config.gru_dim = 4;
   f.config.aux.balance = 0.0;
   f.sizes = sizes;
@@ -73,7 +73,7 @@ std::vector<double> naive_moe(const MoEFixture& f, const std::vector<double>& m,
       return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
     });
     std::vector<std::int64_t> chosen;
-    if (f.config.selection == "topk") {
+    if (f.config.selection == SelectionKind::kTopK) {
       chosen.assign(order.begin(), order.begin() + f.config.top_k);
     } else {
       double mass = 0;
@@ -124,7 +124,7 @@ TEST(MoE, TopkOutputEqualsNaivePerTokenLoop) {
 
 TEST(MoE, ToppOutputEqualsNaivePerTokenLoop) {
   MoEFixture f = make_moe("linear", {8, 16, 24, 16});
-  f.config.selection = "topp";
+  f.config.selection = SelectionKind::kTopP;
   f.config.top_p = 0.6;
   expect_matches_naive(f, 17, "topp");
   f.config.max_k = 2;
@@ -252,7 +252,7 @@ void gradcheck_moe(MoEFixture f, const std::string& label) {
   Tensor prev = random_tensor({n, f.config.gru_dim}, "gc.prev." + label);
   MoEContext ctx;
   ctx.training = true;  // the noisy router draws its (fixed) noise
-  const GruWeights* gru = f.config.router == "gru" ? &f.gru : nullptr;
+  const GruWeights* gru = f.config.router == RouterKind::kGru ? &f.gru : nullptr;
   const Selection fixed = moe_forward(f.config, f.sizes, f.weights, gru, ag::Variable(m),
                                       ag::Variable(prev), ctx).selection;
   ctx.fixed_selection = &fixed;
@@ -285,7 +285,7 @@ TEST(MoE, GradientCheckEveryRouterAndSelection) {
     for (const char* selection : {"topk", "topp"}) {
       for (bool renormalize : {true, false}) {
         MoEFixture f = make_moe(router, {8, 16, 24, 16}, "gc");
-        f.config.selection = selection;
+        f.config.selection = parse_config_name<SelectionKind>(selection, "model.moe.selection");
         f.config.top_k = 2;
         f.config.top_p = 0.7;
         f.config.renormalize = renormalize;
@@ -337,7 +337,7 @@ TEST(MoE, GruStateGradientsFollowTheirDefinitions) {
   Tensor c = random_tensor({n, 4}, "gs.c");
   auto second_layer_logits = [&](const std::string& mode, const ag::Variable& p0) {
     MoEConfig cfg = f.config;
-    cfg.gru_state = mode;
+    cfg.gru_state = parse_config_name<GruStateMode>(mode, "model.moe.gru_state");
     MoEWeights w0 = f.weights;
     w0.proj = p0;
     MoEContext ctx;

@@ -98,7 +98,7 @@ ModelConfig tiny_config() {
 
 TEST(Transformer, InitIsKeyedByNameNotByShard) {
   ModelConfig config = tiny_config();
-  config.moe.expert_sizes = "modse";
+  config.moe.expert_sizes = ExpertSizing::kModse;
   Transformer whole(config, 7);
   ModelShard stage;
   stage.layer_begin = 1;
@@ -134,7 +134,7 @@ TEST(Transformer, InitScalesFollowTheSpec) {
   config.d_model = 128;
   config.n_heads = 4;
   config.moe.expert_hidden = 256;
-  config.moe.router = "gru";
+  config.moe.router = RouterKind::kGru;
   Transformer model(config, 1);
   const double residual = 0.02 / std::sqrt(2.0 * config.n_layers);
   EXPECT_NEAR(sample_std(model.params().get("layers.0.attn.wq").data()), 0.02, 0.001);
@@ -175,10 +175,10 @@ TEST(Transformer, EveryVariantTrainsInOneProcess) {
   for (const Variant& v : variants) {
     SCOPED_TRACE(std::string(v.router) + "/" + v.selection + "/" + v.sizes + "/" + v.gru_state);
     ModelConfig config = tiny_config();
-    config.moe.router = v.router;
-    config.moe.selection = v.selection;
-    config.moe.expert_sizes = v.sizes;
-    config.moe.gru_state = v.gru_state;
+    config.moe.router = parse_config_name<RouterKind>(v.router, "model.moe.router");
+    config.moe.selection = parse_config_name<SelectionKind>(v.selection, "model.moe.selection");
+    config.moe.expert_sizes = parse_config_name<ExpertSizing>(v.sizes, "model.moe.expert_sizes");
+    config.moe.gru_state = parse_config_name<GruStateMode>(v.gru_state, "model.moe.gru_state");
     config.moe.aux.size_penalty = std::string(v.sizes) == "arithmetic" ? 0.01 : 0.0;
     config.moe.aux.entropy = std::string(v.selection) == "topp" ? 0.01 : 0.0;
     Transformer model(config, 3);
@@ -219,7 +219,7 @@ TEST(ParameterLayout, ShardsRegisterTheirEntriesInLayoutOrder) {
   for (const char* router : {"linear", "noisy", "gru"}) {
     for (const std::int64_t every : {1, 2}) {
       ModelConfig config = tiny_config();
-      config.moe.router = router;
+      config.moe.router = parse_config_name<RouterKind>(router, "model.moe.router");
       config.moe.every = every;
       const std::vector<ParameterSpec> layout = parameter_layout(config);
       std::int64_t total = 0;

@@ -96,9 +96,14 @@ TEST(Validate, AcceptsGoodLayoutsAndNamesTheBrokenRule) {
   Config b = tiny(4, 1, 1);
   b.train.batch_size = 12;
   expect_usage(b, 4, "divisible");
-  Config p = tiny(1, 1, 1);
-  p.parallel.placement = "random";
-  expect_usage(p, 1, "placement");
+  // An unknown placement cannot reach validate_layout: reading it names the key.
+  try {
+    parse_config_name<PlacementKind>("random", "parallel.placement");
+    ADD_FAILURE() << "expected kUsage";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kUsage);
+    EXPECT_NE(std::string(e.what()).find("parallel.placement"), std::string::npos) << e.what();
+  }
 }
 
 TEST(StageLayers, ContiguousCoverEveryLayerOnce) {
@@ -136,7 +141,7 @@ TEST(Placement, PairsGiveEqualExpertParametersForModse) {
     MoEConfig m;
     m.n_experts = e;
     m.expert_hidden = 160;
-    m.expert_sizes = "modse";
+    m.expert_sizes = ExpertSizing::kModse;
     const std::vector<std::int64_t> sizes = expert_hidden_sizes(m);
     for (int ep : {1, 2, 4}) {
       if (e % ep || (e / ep) % 2) continue;
@@ -162,7 +167,8 @@ TEST(Placement, BalancedBeatsContiguousOnSkewedLoad) {
   EXPECT_LT(max_rank_load(balanced, load, ep), max_rank_load(place_contiguous(8, ep), load, ep));
   EXPECT_DOUBLE_EQ(max_rank_load(balanced, load, ep), 101.0);
   // Through the dispatcher, with tokens * h_e.
-  const std::vector<int> via = place_experts("balanced", {8, 8, 8, 8, 8, 8, 8, 8}, ep, load);
+  const std::vector<int> via =
+      place_experts(PlacementKind::kBalanced, {8, 8, 8, 8, 8, 8, 8, 8}, ep, load);
   EXPECT_EQ(via, balanced);
 }
 
@@ -271,9 +277,9 @@ TEST(Replacement, DecisionIsAPureFunctionOfTheCounts) {
   MoEConfig m;
   m.n_experts = 8;
   m.expert_hidden = 160;
-  m.expert_sizes = "modse";
+  m.expert_sizes = ExpertSizing::kModse;
   const std::vector<std::int64_t> sizes = expert_hidden_sizes(m);
-  const std::vector<int> start = place_experts("balanced", sizes, 4);
+  const std::vector<int> start = place_experts(PlacementKind::kBalanced, sizes, 4);
   const ReplacementDecision a = decide_replacement(start, tokens, sizes, 4);
   const ReplacementDecision b = decide_replacement(start, tokens, sizes, 4);
   EXPECT_EQ(a.candidate, b.candidate);

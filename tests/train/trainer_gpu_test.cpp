@@ -65,7 +65,7 @@ TEST_F(TrainerGpu, Bf16OnCudaIsRefusedUntilTheAutocastExists) {
   // silently in f32. When the autocast lands this test becomes the 2 %
   // comparison.
   Config config = tiny_config("linear", 1, 1, 1, 1);
-  config.train.precision = "bf16";
+  config.train.precision = Precision::kBF16;
   EXPECT_THROW(check_precision(config.train, Device::cuda(0)), Error);
 }
 

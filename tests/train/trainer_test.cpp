@@ -139,7 +139,7 @@ TEST(Trainer, ReplacementMovesExpertsWithoutChangingTheRun) {
   // One MoE layer with top-1 routing over 8 experts: uneven enough that
   // the balanced map changes (the equivalence test's setting).
   Config config = tiny_config("linear", 2, 2, 1, 1);
-  config.parallel.placement = "balanced";
+  config.parallel.placement = PlacementKind::kBalanced;
   config.parallel.replace_every = 2;
   config.model.moe.n_experts = 8;
   config.model.moe.every = 4;
@@ -147,7 +147,7 @@ TEST(Trainer, ReplacementMovesExpertsWithoutChangingTheRun) {
   const int steps = 8;
   Config one = config;
   one.parallel.dp = one.parallel.ep = 1;
-  one.parallel.placement = "contiguous";
+  one.parallel.placement = PlacementKind::kContiguous;
   one.train.micro_batches = 2;
   const RankRecord single = run_layout(one, steps);
   int moves = 0;
@@ -196,8 +196,8 @@ std::string usage_error(const std::function<void()>& f) {
 
 TEST(TrainerDevice, CpuIsTheDefaultAndUnknownValuesAreConfigErrors) {
   Config config = tiny_config("linear", 1, 1, 1, 1);
-  EXPECT_EQ(config.train.device, "cpu");
-  EXPECT_EQ(config.train.precision, "f32");
+  EXPECT_EQ(config.train.device, DeviceType::kCPU);
+  EXPECT_EQ(config.train.precision, Precision::kF32);
   EXPECT_TRUE(compute_device(config.train).is_cpu());
   nlohmann::ordered_json j = config.resolved_json();
   j["train"]["device"] = "gpu";
@@ -210,7 +210,7 @@ TEST(TrainerDevice, CpuIsTheDefaultAndUnknownValuesAreConfigErrors) {
 TEST(TrainerDevice, CudaWithoutAUsableDeviceNamesTheKeyAndWhatWasFound) {
   if (cuda_available()) GTEST_SKIP() << "a CUDA device is present";
   Config config = tiny_config("linear", 1, 1, 1, 1);
-  config.train.device = "cuda";
+  config.train.device = DeviceType::kCUDA;
   const std::string message = usage_error([&] { compute_device(config.train); });
   EXPECT_NE(message.find("train.device"), std::string::npos) << message;
 #if defined(MOTLEY_WITH_CUDA)
@@ -222,11 +222,11 @@ TEST(TrainerDevice, CudaWithoutAUsableDeviceNamesTheKeyAndWhatWasFound) {
 
 TEST(TrainerDevice, Bf16IsRefusedWithTheReasonWhereNotSupported) {
   Config config = tiny_config("linear", 1, 1, 1, 1);
-  config.train.precision = "bf16";
+  config.train.precision = Precision::kBF16;
   const std::string message = usage_error([&] { check_precision(config.train, Device::cpu()); });
   EXPECT_NE(message.find("train.precision"), std::string::npos) << message;
   EXPECT_NE(message.find("docs/perf.md"), std::string::npos) << message;
-  config.train.precision = "f32";
+  config.train.precision = Precision::kF32;
   check_precision(config.train, Device::cpu());  // no throw
 }
 
