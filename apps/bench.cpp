@@ -1,6 +1,8 @@
 // motley bench: throughput of a config's training step and of its MoE layer
 // on this machine (SPEC section 6). Figures are medians over repetitions,
 // measured side by side in one run with the machine's sgemm rate.
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -27,6 +29,20 @@ namespace {
 namespace ag = autograd;
 namespace par = parallel;
 using Clock = std::chrono::steady_clock;
+
+// Minor page faults of this process so far (first touches of new pages).
+long minor_page_faults() {
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+}
+
+// The process's peak resident set (Linux reports KiB).
+double peak_rss_mib() {
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -179,15 +195,19 @@ int bench_main(int argc, char** argv) {
       batches, device);
   const Transformer& model = trainer.model();
   Backend& backend = backend_for(device);
-  std::vector<double> times;
+  std::vector<double> times, faults;
   double step_flops = 0;
   for (std::int64_t step = 0; step <= steps; ++step) {
     backend.synchronize();
+    const long faults_before = minor_page_faults();
     const auto t0 = Clock::now();
     const train::StepResult r = trainer.step();
     backend.synchronize();
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (step > 0) times.push_back(s);  // the first step warms up
+    if (step > 0) {  // the first step warms up
+      times.push_back(s);
+      faults.push_back(static_cast<double>(minor_page_faults() - faults_before));
+    }
     step_flops = r.model_flops;
   }
   const double s = median(times);
@@ -199,6 +219,13 @@ int bench_main(int argc, char** argv) {
   std::printf("  median step %.1f ms over %lld steps | %.0f tokens/s | %.1f GFLOP/s | MFU %.1f%%\n",
               s * 1e3, static_cast<long long>(steps), tokens / s, step_flops / s / 1e9,
               100.0 * step_flops / s / peak);
+  const MemoryStats mem = backend.memory_stats();
+  std::printf("  memory: %.0f minor page faults per step (median) | peak RSS %.1f MiB | %s peak "
+              "in use %.1f MiB, cached %.1f MiB, %zu allocations from the system, %zu cache hits\n",
+              median(faults), peak_rss_mib(), device.str().c_str(),
+              static_cast<double>(mem.peak_bytes_in_use) / (1 << 20),
+              static_cast<double>(mem.bytes_cached) / (1 << 20), mem.num_device_allocs,
+              mem.num_cache_hits);
   return 0;
 }
 

@@ -141,6 +141,9 @@ void log_step(MetricsLog& metrics, const train::Trainer& trainer, const train::S
     row["placement"] = field;
   }
   if (trainer.groups().layout().ep > 1) row["ep_bytes"] = r.ep_bytes;
+  // Rank 0's allocator (core/backend.h MemoryStats).
+  row["memory_peak_bytes"] = r.memory.peak_bytes_in_use;
+  row["memory_cached_bytes"] = r.memory.bytes_cached;
   std::fflush(stdout);
   metrics.append(row);
 }

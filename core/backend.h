@@ -49,6 +49,16 @@ enum class BinaryOp {
 
 enum class ReduceOp { kSum, kMax, kMin, kSumSquares };
 
+// What a backend's allocator reports.
+struct MemoryStats {
+  std::size_t bytes_in_use = 0;       // requested bytes of live tensors
+  std::size_t peak_bytes_in_use = 0;  // the largest bytes_in_use so far
+  std::size_t bytes_reserved = 0;     // held from the system: live + cached blocks
+  std::size_t bytes_cached = 0;       // in free blocks awaiting reuse
+  std::size_t num_device_allocs = 0;  // allocations from the system (malloc, cudaMalloc)
+  std::size_t num_cache_hits = 0;     // requests served from the cache
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -60,6 +70,12 @@ class Backend {
   virtual void deallocate(void* ptr, std::size_t nbytes) = 0;
   // Bytes currently allocated to live tensors (not cached free blocks).
   virtual std::size_t bytes_in_use() const = 0;
+  // The allocator's counters (both backends cache freed blocks for reuse:
+  // core/cpu/host_allocator.h, core/cuda/cuda_allocator.h).
+  virtual MemoryStats memory_stats() const = 0;
+  // Returns every cached free block to the system (host: the C library;
+  // CUDA: the driver). Live tensors are untouched.
+  virtual void empty_cache() = 0;
   virtual void copy_from_host(void* dst, const void* src, std::size_t nbytes) = 0;
   virtual void copy_to_host(void* dst, const void* src, std::size_t nbytes) = 0;
   virtual void copy_device(void* dst, const void* src, std::size_t nbytes) = 0;

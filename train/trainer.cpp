@@ -4,6 +4,7 @@
 #include <cstdlib>
 
 #include "autograd/ops.h"
+#include "core/backend.h"
 #include "core/ops.h"
 #include "data/sampler.h"
 #include "layers/expert_sizes.h"
@@ -179,6 +180,7 @@ StepResult Trainer::step() {
     clip_gradients(model_->params(), r.grad_norm, tc.grad_clip);
     optimizer_.step(model_->params(), r.lr);
   }
+  r.memory = backend_for(device_).memory_stats();
   // After the update: the step's report carries the new placement.
   if (replace_every_ > 0) {
     r.replacement = window_.observe(r.step, r.moe, owner_, model_->expert_sizes(),

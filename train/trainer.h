@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
+#include "core/backend.h"
 #include "core/config.h"
 #include "layers/optimizer.h"
 #include "layers/transformer.h"
@@ -52,6 +53,7 @@ struct StepResult {
   // step (forward and backward); 0 without expert parallelism.
   double ep_bytes = 0;
   double model_flops = 0;                        // of the whole step (train/flops.h)
+  MemoryStats memory;  // this rank's device allocator after the step
   std::optional<ReplacementReport> replacement;  // experts moved after this step
 };
 

@@ -29,6 +29,7 @@
 
 #include "core/cpu/cpu_common.h"
 #include "core/cpu/cpu_kernels.h"
+#include "core/cpu/host_allocator.h"
 
 namespace motley {
 
@@ -172,22 +173,13 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
 
   // ---- memory ---------------------------------------------------------------
-  void* allocate(std::size_t nbytes) override {
-    // 64-byte alignment: a cache line, and enough for any vector load.
-    const std::size_t rounded = (nbytes + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded);
-    MOTLEY_CHECK_KIND(kRuntime, p != nullptr, "cpu: out of host memory allocating ",
-                      nbytes, " bytes");
-    bytes_in_use_.fetch_add(nbytes, std::memory_order_relaxed);
-    return p;
-  }
-  void deallocate(void* ptr, std::size_t nbytes) override {
-    std::free(ptr);
-    bytes_in_use_.fetch_sub(nbytes, std::memory_order_relaxed);
-  }
-  std::size_t bytes_in_use() const override {
-    return bytes_in_use_.load(std::memory_order_relaxed);
-  }
+  // 64-byte aligned blocks (a cache line, enough for any vector load);
+  // freed memory stays mapped for reuse (core/cpu/host_allocator.h).
+  void* allocate(std::size_t nbytes) override { return allocator_.allocate(nbytes); }
+  void deallocate(void* ptr, std::size_t nbytes) override { allocator_.release(ptr, nbytes); }
+  std::size_t bytes_in_use() const override { return allocator_.bytes_in_use(); }
+  MemoryStats memory_stats() const override { return allocator_.stats(); }
+  void empty_cache() override { allocator_.empty_cache(); }
   void copy_from_host(void* dst, const void* src, std::size_t nbytes) override {
     if (nbytes) std::memcpy(dst, src, nbytes);
   }
@@ -599,7 +591,7 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  std::atomic<std::size_t> bytes_in_use_{0};
+  HostAllocator allocator_{HostAllocator::keep_freed_by_default()};
 };
 
 }  // namespace

@@ -11,21 +11,15 @@
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/cuda_check.h"
 #include "core/cuda/device_scope.h"
+#include "core/size_class.h"
 
 namespace motley {
 namespace {
-
-constexpr std::size_t kSmallQuantum = 512;
-constexpr std::size_t kSmallLimit = std::size_t{1} << 20;  // 1 MiB
-constexpr std::size_t kHugeLimit = std::size_t{1} << 30;   // 1 GiB
-constexpr std::size_t kHugeQuantum = std::size_t{64} << 20;
 
 std::string mib(std::size_t bytes) {
   return absl::StrCat(bytes / (1024 * 1024), ".", (bytes % (1024 * 1024)) * 10 / (1024 * 1024),
                       " MiB");
 }
-
-std::size_t round_up(std::size_t n, std::size_t q) { return (n + q - 1) / q * q; }
 
 }  // namespace
 
@@ -42,13 +36,7 @@ CudaCachingAllocator::~CudaCachingAllocator() {
 }
 
 std::size_t CudaCachingAllocator::round_size(std::size_t nbytes) {
-  if (nbytes == 0) nbytes = 1;
-  if (nbytes <= kSmallLimit) return round_up(nbytes, kSmallQuantum);
-  if (nbytes >= kHugeLimit) return round_up(nbytes, kHugeQuantum);
-  // Four classes per power of two: 2^p * {1, 1.25, 1.5, 1.75}.
-  std::size_t p = kSmallLimit;
-  while (p * 2 < nbytes) p *= 2;  // p < nbytes <= 2p
-  return round_up(nbytes, p / 4);
+  return caching_size_class(nbytes);
 }
 
 void* CudaCachingAllocator::allocate(std::size_t nbytes) {
@@ -143,7 +131,7 @@ std::size_t CudaCachingAllocator::bytes_in_use() const {
   return bytes_in_use_;
 }
 
-void CudaCachingAllocator::stats(CudaMemoryStats* out) const {
+void CudaCachingAllocator::stats(MemoryStats* out) const {
   std::lock_guard<std::mutex> lock(mu_);
   out->bytes_in_use = bytes_in_use_;
   out->peak_bytes_in_use = peak_bytes_in_use_;

@@ -25,7 +25,7 @@
 
 namespace motley {
 
-struct CudaMemoryStats;
+struct MemoryStats;
 
 class CudaCachingAllocator {
  public:
@@ -34,9 +34,7 @@ class CudaCachingAllocator {
   CudaCachingAllocator(const CudaCachingAllocator&) = delete;
   CudaCachingAllocator& operator=(const CudaCachingAllocator&) = delete;
 
-  // The size class of a request: multiples of 512 bytes up to 1 MiB, then
-  // four steps per power of two (at most 25% slack), then multiples of
-  // 64 MiB from 1 GiB on.
+  // The size class of a request (caching_size_class, core/size_class.h).
   static std::size_t round_size(std::size_t nbytes);
 
   void* allocate(std::size_t nbytes);
@@ -48,7 +46,7 @@ class CudaCachingAllocator {
   void empty_cache();
 
   std::size_t bytes_in_use() const;
-  void stats(CudaMemoryStats* out) const;
+  void stats(MemoryStats* out) const;
 
  private:
   // Frees the cached blocks; mu_ held; the device is current.

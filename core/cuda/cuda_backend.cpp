@@ -316,6 +316,12 @@ class CudaBackend final : public Backend {
   void* allocate(std::size_t nbytes) override { return allocator_.allocate(nbytes); }
   void deallocate(void* ptr, std::size_t nbytes) override { allocator_.release(ptr, nbytes); }
   std::size_t bytes_in_use() const override { return allocator_.bytes_in_use(); }
+  MemoryStats memory_stats() const override {
+    MemoryStats s;
+    allocator_.stats(&s);
+    return s;
+  }
+  void empty_cache() override { allocator_.empty_cache(); }
 
   void copy_from_host(void* dst, const void* src, std::size_t nbytes) override {
     if (nbytes == 0) return;

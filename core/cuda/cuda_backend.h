@@ -30,15 +30,9 @@ int cuda_backend_device_count();
 // work on device memory (NCCL) orders it against this stream.
 void* cuda_backend_stream(int index);
 
-// Memory counters of device `index`'s caching allocator.
-struct CudaMemoryStats {
-  std::size_t bytes_in_use = 0;  // requested bytes of live allocations
-  std::size_t peak_bytes_in_use = 0;
-  std::size_t bytes_reserved = 0;     // held from the driver: live + cached blocks
-  std::size_t bytes_cached = 0;       // in free blocks awaiting reuse
-  std::size_t num_device_allocs = 0;  // cudaMalloc calls so far
-  std::size_t num_cache_hits = 0;     // requests served from the cache
-};
+// Memory counters of device `index`'s caching allocator (MemoryStats in
+// core/backend.h; num_device_allocs counts cudaMalloc calls).
+using CudaMemoryStats = MemoryStats;
 CudaMemoryStats cuda_memory_stats(int index);
 // Returns device `index`'s cached free blocks to the driver.
 void cuda_empty_cache(int index);
