@@ -3,8 +3,10 @@
 # CUDA, CMake and Python: the release build's binaries (CUDA compiled in)
 # and the shared libraries they use that such a machine lacks (MPI, HDF5,
 # OpenBLAS, Abseil, ...; CUDA's own libraries and the C library are left
-# to the machine). The bundle lands in build/gpu-bundle/ (bin/, lib/),
-# small enough to travel with the working tree.
+# to the machine). The bundle lands in build/gpu-bundle/ (bin/, lib/) and
+# is packed as build/gpu-bundle.tar.xz (OpenBLAS alone is 35 MB unpacked),
+# which is what travels with the working tree; scripts/gpu_check.sh
+# unpacks it.
 #
 #   bash scripts/build.sh release && bash scripts/gpu_bundle.sh
 set -euo pipefail
@@ -30,4 +32,7 @@ for b in "${bins[@]}"; do ldd "$b"; done |
   awk '/=> \// { print $3 }' | sort -u |
   grep -Ev '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*)\.so|libcuda\.so|libcudart|libcublas|libnccl|/usr/local/cuda' |
   while read -r lib; do cp -L "$lib" "$out/lib/"; done
-du -sh "$out" | awk '{ print "gpu_bundle: " $1 " in '"$out"'" }'
+strip --strip-unneeded "$out"/bin/* 2>/dev/null || true
+tar -C build -cJf build/gpu-bundle.tar.xz gpu-bundle
+echo "gpu_bundle: $(du -sh "$out" | cut -f1) in $out," \
+  "packed $(du -sh build/gpu-bundle.tar.xz | cut -f1) in build/gpu-bundle.tar.xz"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of motley, in one call on a machine with an NVIDIA GPU
 # where only CUDA, CMake and Python are installed (under 10 minutes):
-#   1. the binaries: from build/gpu-bundle (scripts/gpu_bundle.sh, made on
-#      a machine with motley's dependencies and carried over), or built
-#      here when the dependencies are present;
+#   1. the binaries: from build/gpu-bundle.tar.xz (scripts/gpu_bundle.sh,
+#      made on a machine with motley's dependencies and carried over), or
+#      built here when the dependencies are present;
 #   2. the gpu-labelled tests: the CUDA backend against the CPU backend,
 #      and the trainer on CUDA (20 steps against the CPU, dp2/ep2 with one
 #      GPU per rank when there are two, checkpoints between GPU and CPU);
@@ -29,14 +29,22 @@ run() {
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   say "[$name] exit $rc after $((SECONDS - t0)) s ($*)"
+  if [ $rc -ne 0 ]; then tail -3 "$OUT/$name.log" | sed "s/^/  $name: /" | tee -a "$report"; fi
   return $rc
 }
 
 say "motley GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$report"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$report"
+else
+  say "gpu: nvidia-smi not found"
+fi
 say "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores"
 
 # ---- 1. binaries ---------------------------------------------------------------
+if [ ! -x build/gpu-bundle/bin/motley ] && [ -f build/gpu-bundle.tar.xz ]; then
+  tar -C build -xJf build/gpu-bundle.tar.xz
+fi
 if [ -x build/gpu-bundle/bin/motley ]; then
   bin=build/gpu-bundle/bin
   export LD_LIBRARY_PATH="$PWD/build/gpu-bundle/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"

@@ -28,9 +28,10 @@ void check_precision(const TrainConfig& train, Device device) {
   if (train.precision == Precision::kF32) return;
   if (device.is_cpu()) {
     MOTLEY_FAIL(kUsage,
-                "train.precision = bf16 is not supported on the CPU: bf16 matmuls through "
-                "oneDNN were measured against motley's fp32 sgemm (docs/perf.md, \"bf16 "
-                "matmuls on the CPU\") and are not used; use train.precision=f32");
+                "train.precision = bf16 is not implemented on the CPU yet: oneDNN's bf16 matmuls "
+                "measured 1.6-1.9x motley's fp32 sgemm on AVX512_BF16 CPUs (docs/perf.md, \"bf16 "
+                "matmuls on the CPU\"), so they are the planned path, but motley does not call "
+                "them yet; use train.precision=f32");
   }
   MOTLEY_FAIL(kUsage,
               "train.precision = bf16 on cuda is not implemented yet (the matmuls' bf16 "
