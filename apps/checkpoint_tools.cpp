@@ -241,7 +241,14 @@ int inspect_main(int argc, char** argv) {
                   format_count(non_expert).c_str(), format_count(mean_expert).c_str());
     }
   }
-  std::printf("\nconfig\n%s\n", nlohmann::ordered_json::parse(meta.config_json).dump(2).c_str());
+  // The stored text as the checkpoint has it; pretty-printed when it is
+  // JSON of a sane depth (dump recurses per level).
+  const nlohmann::ordered_json stored =
+      json_nesting_depth(meta.config_json) <= kMaxJsonDepth
+          ? nlohmann::ordered_json::parse(meta.config_json, nullptr, false)
+          : nlohmann::ordered_json(nlohmann::ordered_json::value_t::discarded);
+  std::printf("\nconfig\n%s\n",
+              stored.is_discarded() ? meta.config_json.c_str() : stored.dump(2).c_str());
   return 0;
 }
 

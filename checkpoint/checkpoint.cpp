@@ -637,6 +637,9 @@ CheckpointReader CheckpointReader::open(const std::string& path) {
 }
 
 Config CheckpointReader::config(const std::vector<std::string>& overrides) const {
+  if (json_nesting_depth(meta_.config_json) > kMaxJsonDepth) {
+    corrupt(path_, "attribute 'config' is nested too deeply to be a config");
+  }
   const auto json = nlohmann::ordered_json::parse(meta_.config_json, nullptr, false);
   if (json.is_discarded()) corrupt(path_, "attribute 'config' is not valid JSON");
   try {

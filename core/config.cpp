@@ -303,6 +303,8 @@ void apply_override(Config& config, const std::string& text) {
   const Field* field = find_field(key);
   MOTLEY_CHECK_KIND(kUsage, field != nullptr, "--set: unknown config key '", key,
                     "' (see docs/config.md for the known keys)");
+  MOTLEY_CHECK_KIND(kUsage, json_nesting_depth(value) <= kMaxJsonDepth, "--set ", key,
+                    ": the value is nested more than ", kMaxJsonDepth, " levels deep");
   Json parsed = Json::parse(value, nullptr, /*allow_exceptions=*/false);
   if (parsed.is_discarded()) parsed = Json(value);  // not JSON: a string
   field->read(config, parsed, key);
@@ -370,7 +372,17 @@ void validate(const Config& c) {
 
   const TrainConfig& t = c.train;
   const ParallelConfig& p = c.parallel;
-  require(t.micro_batches >= 1, "train.micro_batches", t.micro_batches, "must be positive");
+  // Counts of ranks and micro-batches first, bounded, so that the products
+  // below neither divide by zero nor overflow.
+  constexpr std::int64_t kMaxCount = std::int64_t{1} << 20;
+  require(p.dp >= 1 && p.dp <= kMaxCount, "parallel.dp", p.dp,
+          absl::StrCat("must be in [1, ", kMaxCount, "]"));
+  require(p.pp >= 1 && p.pp <= kMaxCount, "parallel.pp", p.pp,
+          absl::StrCat("must be in [1, ", kMaxCount, "]"));
+  require(p.ep >= 1 && p.ep <= kMaxCount, "parallel.ep", p.ep,
+          absl::StrCat("must be in [1, ", kMaxCount, "]"));
+  require(t.micro_batches >= 1 && t.micro_batches <= kMaxCount, "train.micro_batches",
+          t.micro_batches, absl::StrCat("must be in [1, ", kMaxCount, "]"));
   require(t.batch_size >= 1 && t.batch_size % (p.dp * t.micro_batches) == 0,
           "train.batch_size", t.batch_size,
           absl::StrCat("must be a positive multiple of parallel.dp * train.micro_batches = ",
@@ -394,7 +406,6 @@ void validate(const Config& c) {
           "must be >= 0 (0: only at the end)");
   require(t.keep_last >= 1, "train.keep_last", t.keep_last, "must be positive");
 
-  require(p.dp >= 1, "parallel.dp", p.dp, "must be positive");
   require(p.pp >= 1 && p.pp <= m.n_layers, "parallel.pp", p.pp,
           absl::StrCat("must be in [1, model.n_layers = ", m.n_layers, "]"));
   require(p.ep >= 1 && p.dp % p.ep == 0, "parallel.ep", p.ep,
@@ -436,12 +447,40 @@ bool ModelConfig::is_moe_layer(std::int64_t layer) const {
   return layer % moe.every == moe.every - 1;
 }
 
+std::size_t json_nesting_depth(std::string_view text) {
+  std::size_t depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 Config Config::defaults() { return Config(); }
 
 Config Config::load(const std::string& path, const std::vector<std::string>& overrides) {
   std::ifstream in(path);
   MOTLEY_CHECK_KIND(kUsage, in.good(), "cannot open config file '", path, "'");
-  Json json = Json::parse(in, nullptr, /*allow_exceptions=*/false, /*ignore_comments=*/true);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  MOTLEY_CHECK_KIND(kUsage, json_nesting_depth(text) <= kMaxJsonDepth, "config file '", path,
+                    "' is nested more than ", kMaxJsonDepth, " levels deep");
+  Json json = Json::parse(text, nullptr, /*allow_exceptions=*/false, /*ignore_comments=*/true);
   MOTLEY_CHECK_KIND(kUsage, !json.is_discarded(), "config file '", path,
                     "' is not valid JSON");
   try {

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/device.h"
@@ -151,6 +152,15 @@ struct Config {
   // Every key with its resolved value, in schema order.
   nlohmann::ordered_json resolved_json() const;
 };
+
+// The deepest nesting of arrays and objects in JSON text (0 for a
+// scalar), found in one pass without recursion; brackets inside strings
+// do not count. Every reader of user JSON (config files, --set values,
+// stored configs, tokenizer files) refuses text nested deeper than
+// kMaxJsonDepth before parsing it: nlohmann's dump and the error messages
+// built from it recurse once per level.
+std::size_t json_nesting_depth(std::string_view text);
+inline constexpr std::size_t kMaxJsonDepth = 64;
 
 // The dotted names of the keys whose values differ between two configs
 // ("model.d_model", ...), in schema order.

@@ -29,6 +29,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/check.h"
+#include "core/config.h"
 #include "nlohmann/json.hpp"
 
 namespace motley {
@@ -468,6 +469,8 @@ std::string Tokenizer::to_json() const {
 
 // Parses and validates; `source` names the input in messages.
 Tokenizer Tokenizer::parse_json(const std::string& text, const std::string& source) {
+  MOTLEY_CHECK_KIND(kData, json_nesting_depth(text) <= kMaxJsonDepth, source,
+                    ": JSON nested more than ", kMaxJsonDepth, " levels deep");
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(text);

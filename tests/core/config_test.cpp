@@ -117,5 +117,43 @@ TEST(Config, LoadReportsFileProblems) {
   std::remove(path.c_str());
 }
 
+// Counts that other checks divide or multiply by are bounded first: a zero
+// or huge parallel.dp used to end in SIGFPE inside validation.
+TEST(Config, ZeroAndHugeRankCountsAreUsageErrors) {
+  for (const char* set :
+       {"parallel.dp=0", "parallel.dp=4611686018427387904", "parallel.pp=0", "parallel.ep=0",
+        "train.micro_batches=0", "train.micro_batches=4611686018427387904"}) {
+    const std::string key = std::string(set).substr(0, std::string(set).find('='));
+    expect_usage_error([&] { Config::from_json(Json::object(), {set}); }, key);
+  }
+}
+
+TEST(Config, JsonNestingDepthIsCountedWithoutRecursion) {
+  EXPECT_EQ(json_nesting_depth("3"), 0u);
+  EXPECT_EQ(json_nesting_depth(R"({"a": [1, {"b": []}]})"), 4u);
+  EXPECT_EQ(json_nesting_depth(R"({"a": "[[[[{{{"})"), 1u);            // brackets in strings
+  EXPECT_EQ(json_nesting_depth(R"({"a": "\"[[["})"), 1u);              // an escaped quote
+  EXPECT_EQ(json_nesting_depth(R"({"a": "\\", "b": [[]]})"), 3u);      // an escaped backslash
+  EXPECT_EQ(json_nesting_depth(std::string(1000000, '[')), 1000000u);  // no stack used
+}
+
+// 200,000 levels used to overflow the stack (SIGSEGV) while the error
+// message serialised the value; now the text is refused before parsing.
+TEST(Config, DeeplyNestedValuesAreRefusedBeforeParsing) {
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  expect_usage_error([&] { Config::from_json(Json::object(), {"model.d_model=" + deep}); },
+                     "nested more than");
+  const std::string path = ::testing::TempDir() + "motley_deep_config.json";
+  {
+    std::ofstream out(path);
+    out << R"({"model": {"d_model": )" << deep << "}}";
+  }
+  expect_usage_error([&] { Config::load(path); }, "nested more than");
+  std::remove(path.c_str());
+  // The limit leaves room for any real config.
+  const std::string ok = std::string(kMaxJsonDepth, '[') + std::string(kMaxJsonDepth, ']');
+  EXPECT_EQ(json_nesting_depth(ok), kMaxJsonDepth);
+}
+
 }  // namespace
 }  // namespace motley

@@ -332,12 +332,18 @@ TEST(TokenizerJson, MalformedInputIsADataError) {
       {replaced("\"motley-bpe\"", "\"gpt2\""), "format"},
       {replaced("\"version\": 1", "\"version\": 7"), "unsupported version 7"},
       {replaced("\"vocab_size\": 259", "\"vocab_size\": 300"), "vocab_size 300"},
-      {replaced("\"vocab_size\": 259", "\"vocab_size\": \"x\""), "\"vocab_size\" must be an integer"},
+      {replaced("\"vocab_size\": 259", "\"vocab_size\": \"x\""),
+       "\"vocab_size\" must be an integer"},
       {replaced("\"eot\": 258", "\"eot\": 3"), "eot must be the last id"},
       {replaced("[32,256]", "[32,257]"), "merges[1]"},
       {replaced("[32,256]", "[32]"), "merges[1] must be a pair"},
       {replaced("\"merges\"", "\"merged\""), "missing field \"merges\""},
-      {replaced("\"\xC4\xA0" "ab\"", "\"xyz\""), "vocab[257]"},
+      {replaced("\"\xC4\xA0"
+                "ab\"",
+                "\"xyz\""),
+       "vocab[257]"},
+      // 60,000 levels used to overflow the stack; refused before parsing.
+      {replaced("[32,256]", std::string(60000, '[') + std::string(60000, ']')), "nested more than"},
   };
   for (const auto& [text, expected] : cases) {
     expect_error([&] { Tokenizer::from_json(text); }, ErrorKind::kData,
