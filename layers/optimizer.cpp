@@ -40,12 +40,21 @@ double learning_rate(const TrainConfig& c, std::int64_t step) {
   return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-double grad_sum_of_squares(const ParameterSet& params) {
-  double total = 0.0;
-  for (const autograd::Variable& p : params.all()) {
-    if (p.grad().defined()) total += ops::sum_squares(p.grad()).item();
+double sum_of_squares(const std::vector<Tensor>& grads) {
+  std::vector<Tensor> parts;
+  for (const Tensor& g : grads) {
+    if (g.defined()) parts.push_back(ops::sum_squares(g).reshape({1}));
   }
+  if (parts.empty()) return 0.0;
+  double total = 0.0;
+  for (const double v : ops::cat(parts, 0).to_vector<double>()) total += v;
   return total;
+}
+
+double grad_sum_of_squares(const ParameterSet& params) {
+  std::vector<Tensor> grads;
+  for (const autograd::Variable& p : params.all()) grads.push_back(p.grad());
+  return sum_of_squares(grads);
 }
 
 double clip_gradients(ParameterSet& params, double grad_norm, double clip) {

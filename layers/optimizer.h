@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "layers/parameters.h"
@@ -56,6 +57,12 @@ double learning_rate(const TrainConfig& config, std::int64_t step);
 // as zero), in double. The global norm is sqrt of this summed over every
 // parameter exactly once across ranks.
 double grad_sum_of_squares(const ParameterSet& params);
+
+// Sum over `grads` (undefined: 0) of each tensor's sum of squares, added
+// in order in double: the per-tensor sums are computed on the tensors'
+// device and read back together, one host synchronisation in all rather
+// than one per tensor.
+double sum_of_squares(const std::vector<Tensor>& grads);
 
 // Scales every gradient by clip / (norm + 1e-6) when clip > 0 and
 // norm > clip (SPEC 1.5). Returns the factor applied (1 when none).

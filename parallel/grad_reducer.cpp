@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/ops.h"
+#include "layers/optimizer.h"
 #include "layers/parameter_layout.h"
 
 namespace motley::parallel {
@@ -137,7 +138,7 @@ void reduce_shared_gru(ParameterSet& params, const ProcessGroups& groups,
 double global_grad_sum_of_squares(const ParameterSet& params, const ProcessGroups& groups,
                                   int gru_stage) {
   const RankCoords& c = groups.coords();
-  double local = 0.0;
+  std::vector<Tensor> counted_grads;
   for (const autograd::Variable& p : params.all()) {
     if (!p.grad().defined()) continue;
     bool counted;
@@ -148,8 +149,9 @@ double global_grad_sum_of_squares(const ParameterSet& params, const ProcessGroup
     } else {
       counted = c.dp_rank == 0;
     }
-    if (counted) local += ops::sum_squares(p.grad()).item();
+    if (counted) counted_grads.push_back(p.grad());
   }
+  const double local = sum_of_squares(counted_grads);  // one host round trip
   Tensor t = Tensor::from_vector(std::vector<double>{local}, {1});
   groups.host().allreduce_sum(t);
   return t.to_vector<double>()[0];
