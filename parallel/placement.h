@@ -9,7 +9,7 @@
 // expert e to owner[e]; Transformer's ModelShard::hold_expert is
 // owner[e] == ep_rank. With `balanced` the map may change during training
 // (Note [Re-placement]); everything built from it is rebuilt together
-// (apps/train.cpp, Trainer::replace_experts).
+// (train/replacement.h, Trainer::replace_experts in train/trainer.cpp).
 //
 // Note [Re-placement]
 // `balanced` starts from the sizes alone (tokens_e = 1). Every

@@ -6,7 +6,7 @@
 // for scalars, max-abs error over max-abs value for tensors). Also here:
 // expert re-placement during training (Note [Re-placement] in
 // parallel/placement.h) and a failing rank ending the job (Note [Fault
-// injection] in apps/train.cpp).
+// injection] in train/trainer.cpp).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
