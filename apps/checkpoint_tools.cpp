@@ -72,6 +72,7 @@ int eval_main(int argc, char** argv) {
   cli.repeated("set", "KEY=VALUE", "override a config key (e.g. train.seq_len, train.batch_size)");
   if (!cli.parse(argc, argv)) return 0;
   LoadedModel m = load_model(cli.get("checkpoint"), cli.all("set"));
+  const ops::MatmulPrecisionGuard precision(train::matmul_precision_of(m.config.train));
   const std::string data_path = cli.get_or("data", m.config.data.valid);
   MOTLEY_CHECK_KIND(kUsage, !data_path.empty(),
                     "no data to evaluate: pass --data FILE (the checkpoint's config has no "
@@ -117,6 +118,7 @@ int generate_main(int argc, char** argv) {
   cli.repeated("set", "KEY=VALUE", "override a config key (e.g. train.device=cuda)");
   if (!cli.parse(argc, argv)) return 0;
   LoadedModel m = load_model(cli.get("checkpoint"), cli.all("set"));
+  const ops::MatmulPrecisionGuard precision(train::matmul_precision_of(m.config.train));
   MOTLEY_CHECK_KIND(kCheckpoint, m.tokenizer.has_value(), cli.get("checkpoint"),
                     " stores no tokenizer, so text cannot be encoded or decoded");
   const std::int64_t n_tokens = cli.get_int("tokens");

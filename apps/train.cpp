@@ -90,6 +90,7 @@ int run(train::Trainer& trainer, const TrainData& data, const std::string& run_d
   auto evaluate_now = [&](std::int64_t step, bool final) {
     Transformer* model = trainer.eval_model();  // collective
     if (model != nullptr) {
+      const ops::MatmulPrecisionGuard precision(train::matmul_precision_of(tc));
       ProgressBar bar("eval", eval_window_count(data.valid->size(), tc.seq_len));
       const EvalResult e = evaluate(*model, *data.valid, tc.seq_len,
                                     std::max<std::int64_t>(1, tc.batch_size / tc.micro_batches),

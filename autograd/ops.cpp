@@ -399,7 +399,10 @@ Variable matmul(const Variable& a, const Variable& b) {
   const bool na = needs(a), nb = needs(b);
   return record_op("matmul", std::move(out), {a, b},
                    [na, nb, b_2d = b.dim() == 2, a_saved = nb ? a.data() : Tensor(),
-                    b_saved = na ? b.data() : Tensor()](const Tensor& g) -> TensorList {
+                    b_saved = na ? b.data() : Tensor(),
+                    precision = ops::matmul_precision()](const Tensor& g) -> TensorList {
+                     // Backward products in the forward's precision (Note [Matmul precision]).
+                     const ops::MatmulPrecisionGuard same(precision);
                      Tensor ga, gb;
                      // g (..., m, n) @ b^T, where b^T is (n, k) or (..., n, k).
                      if (na) ga = ops::matmul(g, b_saved.transpose(-1, -2));
@@ -427,7 +430,9 @@ Variable linear(const Variable& x, const Variable& w) {
   return record_op(
       "linear", std::move(out), {x, w},
       [nx, nw, sx = x.shape(), x_saved = nw ? x.data() : Tensor(),
-       w_saved = nx ? w.data() : Tensor()](const Tensor& g) -> TensorList {
+       w_saved = nx ? w.data() : Tensor(),
+       precision = ops::matmul_precision()](const Tensor& g) -> TensorList {
+        const ops::MatmulPrecisionGuard same(precision);  // Note [Matmul precision]
         const std::int64_t out_features = g.size(-1);
         const std::int64_t in_features = sx.back();
         Tensor g2 = g.reshape({-1, out_features});  // (N, out)
@@ -600,37 +605,39 @@ Variable grouped_swiglu_ffn(const Variable& x, const std::vector<std::int64_t>& 
     offset += n;
   }
   const bool nx = needs(x);
-  return record_op(
-      "grouped_swiglu_ffn", std::move(y), inputs,
-      [nx, counts, xd, saved = std::move(saved)](const Tensor& g) -> TensorList {
-        const std::size_t ne = counts.size();
-        const Tensor gc = g.contiguous();
-        TensorList grads(1 + 3 * ne);
-        Tensor dx;
-        if (nx) dx = Tensor::empty(xd.shape(), xd.dtype(), xd.device());
-        std::int64_t offset = 0;
-        for (std::size_t e = 0; e < ne; ++e) {
-          const std::int64_t n = counts[e];
-          if (n == 0) continue;
-          const Saved& sv = saved[e];
-          const Tensor ge = gc.narrow(0, offset, n);  // (n, d)
-          const Tensor xe = xd.narrow(0, offset, n);  // (n, d)
-          const Tensor ds = ops::matmul(ge, sv.w2);   // (n, h)
-          grads[1 + 2 * ne + e] = weight_grad(ge, sv.s, ge.size(1), sv.s.size(1));  // (d, h)
-          auto [da, db] = ops::swiglu_backward(sv.a, sv.b, ds);
-          grads[1 + e] = weight_grad(da, xe, da.size(1), xe.size(1));       // (h, d)
-          grads[1 + ne + e] = weight_grad(db, xe, db.size(1), xe.size(1));  // (h, d)
-          if (nx) {
-            Tensor dxe = dx.narrow(0, offset, n);
-            dxe.fill_(0.0);
-            ops::gemm_accumulate(da, false, sv.w1, false, 1.0, dxe);
-            ops::gemm_accumulate(db, false, sv.w3, false, 1.0, dxe);
-          }
-          offset += n;
-        }
-        grads[0] = dx;
-        return grads;
-      });
+  return record_op("grouped_swiglu_ffn", std::move(y), inputs,
+                   [nx, counts, xd, saved = std::move(saved),
+                    precision = ops::matmul_precision()](const Tensor& g) -> TensorList {
+                     const ops::MatmulPrecisionGuard same(precision);  // Note [Matmul precision]
+                     const std::size_t ne = counts.size();
+                     const Tensor gc = g.contiguous();
+                     TensorList grads(1 + 3 * ne);
+                     Tensor dx;
+                     if (nx) dx = Tensor::empty(xd.shape(), xd.dtype(), xd.device());
+                     std::int64_t offset = 0;
+                     for (std::size_t e = 0; e < ne; ++e) {
+                       const std::int64_t n = counts[e];
+                       if (n == 0) continue;
+                       const Saved& sv = saved[e];
+                       const Tensor ge = gc.narrow(0, offset, n);  // (n, d)
+                       const Tensor xe = xd.narrow(0, offset, n);  // (n, d)
+                       const Tensor ds = ops::matmul(ge, sv.w2);   // (n, h)
+                       grads[1 + 2 * ne + e] =
+                           weight_grad(ge, sv.s, ge.size(1), sv.s.size(1));  // (d, h)
+                       auto [da, db] = ops::swiglu_backward(sv.a, sv.b, ds);
+                       grads[1 + e] = weight_grad(da, xe, da.size(1), xe.size(1));       // (h, d)
+                       grads[1 + ne + e] = weight_grad(db, xe, db.size(1), xe.size(1));  // (h, d)
+                       if (nx) {
+                         Tensor dxe = dx.narrow(0, offset, n);
+                         dxe.fill_(0.0);
+                         ops::gemm_accumulate(da, false, sv.w1, false, 1.0, dxe);
+                         ops::gemm_accumulate(db, false, sv.w3, false, 1.0, dxe);
+                       }
+                       offset += n;
+                     }
+                     grads[0] = dx;
+                     return grads;
+                   });
 }
 
 Variable rope(const Variable& x, double theta, std::int64_t pos_offset) {

@@ -427,8 +427,35 @@ Tensor cat(absl::Span<const Tensor> parts, std::int64_t dim) {
 }
 
 // ---- matrix products --------------------------------------------------------------------
+namespace {
 
-Tensor matmul(const Tensor& a, const Tensor& b) {
+thread_local MatmulPrecision current_matmul_precision = MatmulPrecision::kF32;
+
+// An operand under Note [Matmul precision]: itself, or its bf16 rounding
+// (a bf16 copy on a GPU; bf16 values in f32 on the CPU).
+Tensor matmul_operand(const Tensor& t) {
+  if (!t.defined() || current_matmul_precision != MatmulPrecision::kBf16Inputs ||
+      t.dtype() != DType::kF32) {
+    return t;
+  }
+  const Tensor rounded = t.to(DType::kBF16);
+  return t.device().is_cpu() ? rounded.to(DType::kF32) : rounded;
+}
+
+}  // namespace
+
+MatmulPrecision matmul_precision() { return current_matmul_precision; }
+
+MatmulPrecisionGuard::MatmulPrecisionGuard(MatmulPrecision precision)
+    : previous_(current_matmul_precision) {
+  current_matmul_precision = precision;
+}
+
+MatmulPrecisionGuard::~MatmulPrecisionGuard() { current_matmul_precision = previous_; }
+
+Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
+  const DType out_dtype = a_in.dtype();
+  const Tensor a = matmul_operand(a_in), b = matmul_operand(b_in);
   check_defined("matmul", a, "a");
   check_defined("matmul", b, "b");
   check_same_device("matmul", a, b);
@@ -449,7 +476,7 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   Shape out_shape = batch;
   out_shape.push_back(m);
   out_shape.push_back(n);
-  Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
+  Tensor out = Tensor::empty(out_shape, out_dtype, a.device());
   if (out.numel() == 0) return out;
   if (k == 0) {
     out.zero_();
@@ -485,7 +512,9 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-Tensor linear(const Tensor& x, const Tensor& w) {
+Tensor linear(const Tensor& x_in, const Tensor& w_in) {
+  const DType out_dtype = x_in.dtype();
+  const Tensor x = matmul_operand(x_in), w = matmul_operand(w_in);
   check_defined("linear", x, "x");
   check_defined("linear", w, "w");
   check_same_device("linear", x, w);
@@ -497,7 +526,7 @@ Tensor linear(const Tensor& x, const Tensor& w) {
   const std::int64_t in = w.size(1), out_features = w.size(0);
   Shape out_shape = drop_last(x.shape());
   out_shape.push_back(out_features);
-  Tensor out = Tensor::empty(out_shape, x.dtype(), x.device());
+  Tensor out = Tensor::empty(out_shape, out_dtype, x.device());
   if (out.numel() == 0) return out;
   if (in == 0) {
     out.zero_();
@@ -512,15 +541,16 @@ Tensor linear(const Tensor& x, const Tensor& w) {
   return out;
 }
 
-void gemm_accumulate(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+void gemm_accumulate(const Tensor& a_in, bool trans_a, const Tensor& b_in, bool trans_b,
                      double alpha, Tensor& c) {
-  check_defined("gemm_accumulate", a, "a");
-  check_defined("gemm_accumulate", b, "b");
+  check_defined("gemm_accumulate", a_in, "a");
+  check_defined("gemm_accumulate", b_in, "b");
   check_defined("gemm_accumulate", c, "c");
-  check_same_device("gemm_accumulate", a, c);
-  check_same_device("gemm_accumulate", b, c);
-  check_same_dtype("gemm_accumulate", a, c);
-  check_same_dtype("gemm_accumulate", b, c);
+  check_same_device("gemm_accumulate", a_in, c);
+  check_same_device("gemm_accumulate", b_in, c);
+  check_same_dtype("gemm_accumulate", a_in, c);
+  check_same_dtype("gemm_accumulate", b_in, c);
+  const Tensor a = matmul_operand(a_in), b = matmul_operand(b_in);
   check_floating("gemm_accumulate", c);
   MOTLEY_CHECK_KIND(kShape, a.dim() == 2 && b.dim() == 2 && c.dim() == 2,
                     "gemm_accumulate: a ", shape_str(a.shape()), ", b ", shape_str(b.shape()),

@@ -71,6 +71,31 @@ bool all_finite(const Tensor& a);
 Tensor cat(absl::Span<const Tensor> parts, std::int64_t dim);
 
 // ---- matrix products ----------------------------------------------------------
+// Note [Matmul precision]
+// The precision of this thread's matrix products (matmul, linear,
+// gemm_accumulate) on f32 tensors. kBf16Inputs is SPEC 8.1's bf16: both
+// operands are rounded to bf16 (nearest even) and multiplied with f32
+// accumulation into an f32 result. On a GPU the operands are bf16 copies
+// and cuBLAS runs a bf16 x bf16 -> f32 GEMM on tensor cores; on the CPU
+// they are rounded in place of a copy (bf16 values held in f32) and the f32
+// sgemm runs, which gives the same numbers without the speed. Set it with
+// MatmulPrecisionGuard; autograd's matrix ops capture it at forward so
+// their backward products use the same precision. Other dtypes (f64,
+// bf16 tensors) are unaffected.
+enum class MatmulPrecision : std::uint8_t { kF32, kBf16Inputs };
+MatmulPrecision matmul_precision();
+// RAII: sets this thread's matmul precision; nests.
+class MatmulPrecisionGuard {
+ public:
+  explicit MatmulPrecisionGuard(MatmulPrecision precision);
+  ~MatmulPrecisionGuard();
+  MatmulPrecisionGuard(const MatmulPrecisionGuard&) = delete;
+  MatmulPrecisionGuard& operator=(const MatmulPrecisionGuard&) = delete;
+
+ private:
+  MatmulPrecision previous_;
+};
+
 // a (..., m, k) @ b (..., k, n) -> (..., m, n). Leading (batch) dims must
 // match exactly, or b may be 2-D (shared across the batch: one GEMM).
 Tensor matmul(const Tensor& a, const Tensor& b);

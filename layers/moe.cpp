@@ -4,6 +4,7 @@
 
 #include "autograd/engine.h"
 #include "autograd/ops.h"
+#include "core/ops.h"
 #include "core/philox.h"
 #include "layers/routing.h"
 
@@ -76,9 +77,14 @@ MoEResult moe_forward(const MoEConfig& config, const std::vector<std::int64_t>& 
   MoEResult result;
 
   // ---- router ------------------------------------------------------------
-  Variable logits = ag::to_dtype(
-      router_logits(config, w, gru, m, prev_state, ctx, &result.router_state),
-      router_dtype(m.dtype()));                              // (N, E)
+  // The router (and the GRU cell) stay f32 whatever the matmul precision
+  // (SPEC 8.1: router probabilities are fp32; Note [Matmul precision]).
+  Variable logits;  // (N, E)
+  {
+    const ops::MatmulPrecisionGuard router_f32(ops::MatmulPrecision::kF32);
+    logits = ag::to_dtype(router_logits(config, w, gru, m, prev_state, ctx, &result.router_state),
+                          router_dtype(m.dtype()));
+  }
   Variable log_probs = ag::log_softmax(logits);              // (N, E)
   Variable probs = ag::exp(log_probs);                       // (N, E)
 

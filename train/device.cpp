@@ -24,18 +24,20 @@ Device compute_device(const TrainConfig& train, int local_rank) {
   return Device::cuda(local_rank % count);
 }
 
+ops::MatmulPrecision matmul_precision_of(const TrainConfig& train) {
+  return train.precision == Precision::kBF16 ? ops::MatmulPrecision::kBf16Inputs
+                                             : ops::MatmulPrecision::kF32;
+}
+
 void check_precision(const TrainConfig& train, Device device) {
   if (train.precision == Precision::kF32) return;
-  if (device.is_cpu()) {
-    MOTLEY_FAIL(kUsage,
-                "train.precision = bf16 is not implemented on the CPU yet: oneDNN's bf16 matmuls "
-                "measured 1.6-1.9x motley's fp32 sgemm on AVX512_BF16 CPUs (docs/perf.md, \"bf16 "
-                "matmuls on the CPU\"), so they are the planned path, but motley does not call "
-                "them yet; use train.precision=f32");
-  }
+  // cuda: bf16 x bf16 -> f32 GEMMs (Note [Matmul precision]).
+  if (!device.is_cpu()) return;
   MOTLEY_FAIL(kUsage,
-              "train.precision = bf16 on cuda is not implemented yet (the matmuls' bf16 "
-              "autocast is open work, docs/gpu.md); use train.precision=f32");
+              "train.precision = bf16 is only emulated on the CPU (bf16-rounded operands in the "
+              "fp32 sgemm: bf16's numbers, slower than f32). oneDNN's bf16 matmuls measured "
+              "1.8-2.1x the fp32 sgemm on AVX512_BF16 CPUs (docs/perf.md, \"bf16 matmuls on the "
+              "CPU\") and are the planned path, not called yet; use train.precision=f32");
 }
 
 std::shared_ptr<parallel::ProcessGroups> make_process_groups(

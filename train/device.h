@@ -6,6 +6,7 @@
 
 #include "core/config.h"
 #include "core/device.h"
+#include "core/ops.h"
 #include "parallel/process_groups.h"
 
 namespace motley::train {
@@ -16,6 +17,10 @@ namespace motley::train {
 // in a build without CUDA, or where no device is visible, is kUsage naming
 // train.device and saying what was found.
 Device compute_device(const TrainConfig& train, int local_rank = 0);
+
+// The matmul precision (Note [Matmul precision] in core/ops.h) of
+// train.precision: kBf16Inputs for bf16.
+ops::MatmulPrecision matmul_precision_of(const TrainConfig& train);
 
 // kUsage naming train.precision when the precision cannot be honoured on
 // `device` (docs/perf.md, "bf16 matmuls on the CPU", says why for the CPU).

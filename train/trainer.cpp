@@ -9,6 +9,7 @@
 #include "data/sampler.h"
 #include "layers/expert_sizes.h"
 #include "parallel/placement.h"
+#include "train/device.h"
 #include "train/flops.h"
 #include "train/stats.h"
 
@@ -139,7 +140,13 @@ StepResult Trainer::step() {
                 " at step ", r.step, " (Note [Fault injection])");
   }
   model_->params().zero_grad();
-  PipelineResult p = pipeline_.run(*model_, r.step, batches_, exchange_.get(), reducer_.get());
+  PipelineResult p;
+  {
+    // train.precision for every matmul of forward and backward (the
+    // router's stay f32: layers/moe.cpp).
+    const ops::MatmulPrecisionGuard precision(matmul_precision_of(tc));
+    p = pipeline_.run(*model_, r.step, batches_, exchange_.get(), reducer_.get());
+  }
   if (reducer_) reducer_->finish();
   if (gru_stage_ >= 0 && layout.pp > 1) {
     par::reduce_shared_gru(model_->params(), *groups_, config_.model);

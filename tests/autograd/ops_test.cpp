@@ -6,6 +6,9 @@
 #include <cmath>
 #include <vector>
 
+#include "autograd/engine.h"
+#include "core/ops.h"
+#include "core/philox.h"
 #include "gtest/gtest.h"
 #include "test_util.h"
 
@@ -531,6 +534,31 @@ TEST(AutogradOpsErrors, GroupedSwiGluFfnChecksCounts) {
     EXPECT_NE(std::string(e.what()).find("counts sum to 6 but x has 5 rows"), std::string::npos)
         << e.what();
   }
+}
+
+// Note [Matmul precision]: backward products run in the precision the
+// forward had, even when backward runs outside the guard.
+TEST(AutogradMatmulPrecision, BackwardUsesTheForwardsPrecision) {
+  Tensor xd = Tensor::empty({5, 16}), wd = Tensor::empty({7, 16}), gd = Tensor::empty({5, 7});
+  fill_normal(xd, philox_key(4, "amp/x"), 0.0, 1.0);
+  fill_normal(wd, philox_key(4, "amp/w"), 0.0, 1.0);
+  fill_normal(gd, philox_key(4, "amp/g"), 0.0, 1.0);
+  auto rounded = [](const Tensor& t) { return t.to(DType::kBF16).to(DType::kF32); };
+  Variable x(xd, true), w(wd, true);
+  Variable y;
+  {
+    const ops::MatmulPrecisionGuard guard(ops::MatmulPrecision::kBf16Inputs);
+    y = linear(x, w);
+  }
+  backward({y}, {gd});
+  EXPECT_EQ(x.grad().to_vector<float>(), ops::matmul(rounded(gd), rounded(wd)).to_vector<float>());
+  Tensor gw = Tensor::zeros({7, 16});
+  ops::gemm_accumulate(rounded(gd), true, rounded(xd), false, 1.0, gw);
+  EXPECT_LT(ops::nmse(w.grad(), gw), 1e-12);
+  // The same graph in f32 gives other gradients: the guard had an effect.
+  Variable x2(xd, true), w2(wd, true);
+  backward({linear(x2, w2)}, {gd});
+  EXPECT_GT(ops::nmse(x2.grad(), x.grad()), 1e-9);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include "core/backend.h"
 #include "core/ops.h"
+#include "core/philox.h"
 
 namespace motley {
 namespace {
@@ -189,6 +190,44 @@ TEST(BackendGemm, StridedBatchedWithViewsAndBeta) {
   be.gemm_strided_batched(false, true, m, n, k, 2.0, a, lda, m * lda, b, ldb, n * ldb, 0.5, c,
                           ldc, m * ldc, batch);
   expect_close(c, want, 1e-12, "gemm_strided_batched");
+}
+
+// Note [Matmul precision]: under kBf16Inputs an f32 product equals the f32
+// product of the bf16-rounded operands (exact bf16 x bf16 products,
+// accumulated in f32), differs from plain f32, and leaves f64 alone.
+Tensor bf16_rounded(const Tensor& t) { return t.to(DType::kBF16).to(DType::kF32); }
+
+TEST(MatmulPrecision, Bf16InputsRoundTheOperandsAndAccumulateInF32) {
+  Tensor x = Tensor::empty({37, 64}), w = Tensor::empty({48, 64});
+  fill_normal(x, philox_key(3, "mp/x"), 0.0, 1.0);
+  fill_normal(w, philox_key(3, "mp/w"), 0.0, 1.0);
+  const Tensor f32 = ops::linear(x, w);
+  Tensor bf16, acc = Tensor::zeros({37, 48}), mm;
+  {
+    const ops::MatmulPrecisionGuard guard(ops::MatmulPrecision::kBf16Inputs);
+    EXPECT_EQ(ops::matmul_precision(), ops::MatmulPrecision::kBf16Inputs);
+    bf16 = ops::linear(x, w);
+    mm = ops::matmul(x, w.transpose(0, 1));
+    ops::gemm_accumulate(x, false, w, true, 1.0, acc);
+  }
+  EXPECT_EQ(ops::matmul_precision(), ops::MatmulPrecision::kF32);  // restored
+  EXPECT_EQ(bf16.dtype(), DType::kF32);
+  const Tensor want = ops::linear(bf16_rounded(x), bf16_rounded(w));
+  EXPECT_EQ(bf16.to_vector<float>(), want.to_vector<float>());
+  EXPECT_EQ(mm.to_vector<float>(),
+            ops::matmul(bf16_rounded(x), bf16_rounded(w).transpose(0, 1)).to_vector<float>());
+  EXPECT_LT(ops::nmse(acc, want), 1e-12);
+  // bf16 rounding is visible (about 2^-9 relative per operand) but small.
+  const double err = ops::nmse(bf16, f32);
+  EXPECT_GT(err, 1e-8);
+  EXPECT_LT(err, 1e-4);
+  // f64 is not touched.
+  const Tensor x64 = x.to(DType::kF64), w64 = w.to(DType::kF64);
+  const ops::MatmulPrecisionGuard guard(ops::MatmulPrecision::kBf16Inputs);
+  EXPECT_EQ(ops::linear(x64, w64).to_vector<double>(), [&] {
+    const ops::MatmulPrecisionGuard f32_again(ops::MatmulPrecision::kF32);
+    return ops::linear(x64, w64).to_vector<double>();
+  }());
 }
 
 }  // namespace
