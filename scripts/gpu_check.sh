@@ -7,9 +7,10 @@
 #   2. the gpu-labelled tests: the CUDA backend against the CPU backend,
 #      and the trainer on CUDA (20 steps against the CPU, dp2/ep2 with one
 #      GPU per rank when there are two, checkpoints between GPU and CPU);
-#   3. motley bench on cuda for configs/bench.json and the large config of
-#      docs/perf_torch.md, next to bench/torch_bench.py --device cuda
-#      --compile where PyTorch is importable;
+#   3. motley bench on cuda for configs/bench.json (f32 and bf16) and the
+#      large config of docs/perf_torch.md (bf16), next to
+#      bench/torch_bench.py --device cuda --dtype bf16 --compile where
+#      PyTorch is importable;
 #   4. every figure and verdict into one file: $OUT/gpu_check.txt
 #      (OUT defaults to gpu-check-out/).
 # Nothing here stops at the first failure: each part records its status.
@@ -82,13 +83,14 @@ bench() {  # name, then motley bench flags
   grep -E "sgemm|median step|MoE layer|uniform|modse|arithmetic" "$OUT/bench_$name.log" | sed "s/^/  $name: /" | tee -a "$report"
 }
 bench bench --steps 10
-bench large --steps 5 --moe-tokens 16384 "${large[@]}"
+bench bench_bf16 --steps 10 --set train.precision=bf16
+bench large_bf16 --steps 5 --moe-tokens 16384 --set train.precision=bf16 "${large[@]}"
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   run torch_bench 240 python3 bench/torch_bench.py --config configs/bench.json --device cuda \
-    --dtype f32 --compile --steps 20
+    --dtype bf16 --compile --steps 20
   grep -E "tokens/s|MFU|step" "$OUT/torch_bench.log" | tail -4 | sed 's/^/  torch: /' | tee -a "$report"
   run torch_bench_large 300 python3 bench/torch_bench.py --config configs/bench.json --device cuda \
-    --dtype f32 --compile --steps 10 "${large[@]}" --moe-tokens 16384
+    --dtype bf16 --compile --steps 10 "${large[@]}" --moe-tokens 16384
   grep -E "tokens/s|MFU|step" "$OUT/torch_bench_large.log" | tail -4 | sed 's/^/  torch large: /' | tee -a "$report"
 else
   say "[torch_bench] skipped: PyTorch with CUDA is not importable here"
