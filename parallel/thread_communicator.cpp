@@ -236,6 +236,16 @@ Bytes copy_bytes(const Tensor& t) {
   return copy_bytes(t.raw_data(), static_cast<std::int64_t>(t.nbytes()));
 }
 
+// A collective contribution holding a copy of all of `t`.
+CollectivePart tensor_part(const char* call, const Tensor& t) {
+  CollectivePart part;
+  part.call = call;
+  part.data = copy_bytes(t);
+  part.dtype = t.dtype();
+  part.numel = t.numel();
+  return part;
+}
+
 // memcpy that allows empty ranges with null pointers.
 void copy_to(void* dst, const void* src, std::int64_t nbytes) {
   if (nbytes > 0) std::memcpy(dst, src, static_cast<std::size_t>(nbytes));
@@ -396,11 +406,7 @@ void ThreadCommunicator::allreduce_sum(Tensor& t) {
   const char* what = "allreduce_sum";
   check_host(t, what);
   check_sum_dtype(t.dtype(), what);
-  CollectivePart part;
-  part.call = what;
-  part.data = copy_bytes(t);
-  part.dtype = t.dtype();
-  part.numel = t.numel();
+  CollectivePart part = tensor_part(what, t);
   const std::shared_ptr<CollectiveSlot> slot =
       collect(*hub_, next_collective_++, rank_, std::move(part));
   check_same_dtype_and_numel(slot->parts, what);
@@ -411,11 +417,7 @@ Request ThreadCommunicator::iallreduce_sum(Tensor t) {
   const char* what = "iallreduce_sum";
   check_host(t, what);
   check_sum_dtype(t.dtype(), what);
-  CollectivePart part;
-  part.call = what;
-  part.data = copy_bytes(t);
-  part.dtype = t.dtype();
-  part.numel = t.numel();
+  CollectivePart part = tensor_part(what, t);
   std::shared_ptr<CollectiveSlot> slot = post(*hub_, next_collective_++, rank_, std::move(part));
   return std::make_unique<ThreadRequest>([hub = hub_, slot, t, rank = rank_, what] {
     await(*hub, *slot, rank, "wait(iallreduce_sum)");
@@ -432,11 +434,7 @@ void ThreadCommunicator::reduce_scatter_sum(const Tensor& in, Tensor& out) {
   check_sum_dtype(in.dtype(), what);
   MOTLEY_CHECK_KIND(kShape, in.numel() == out.numel() * size_ && in.dtype() == out.dtype(), what,
                     ": in ", in.str(), " must hold ", size_, " blocks of out ", out.str());
-  CollectivePart part;
-  part.call = what;
-  part.data = copy_bytes(in);
-  part.dtype = in.dtype();
-  part.numel = in.numel();
+  CollectivePart part = tensor_part(what, in);
   const std::shared_ptr<CollectiveSlot> slot =
       collect(*hub_, next_collective_++, rank_, std::move(part));
   check_same_dtype_and_numel(slot->parts, what);
@@ -449,11 +447,7 @@ void ThreadCommunicator::allgather(const Tensor& in, Tensor& out) {
   check_host(out, what);
   MOTLEY_CHECK_KIND(kShape, out.numel() == in.numel() * size_ && in.dtype() == out.dtype(), what,
                     ": out ", out.str(), " must hold ", size_, " copies of ", in.str());
-  CollectivePart part;
-  part.call = what;
-  part.data = copy_bytes(in);
-  part.dtype = in.dtype();
-  part.numel = in.numel();
+  CollectivePart part = tensor_part(what, in);
   const std::shared_ptr<CollectiveSlot> slot =
       collect(*hub_, next_collective_++, rank_, std::move(part));
   check_same_dtype_and_numel(slot->parts, what);
@@ -473,11 +467,7 @@ void ThreadCommunicator::allgatherv(const Tensor& in, Tensor& out,
                     what, ": counts do not match this rank's tensor ", in.str());
   MOTLEY_CHECK_KIND(kShape, total(counts) == out.numel(), what, ": out ", out.str(),
                     " does not hold the sum of counts, ", total(counts));
-  CollectivePart part;
-  part.call = what;
-  part.data = copy_bytes(in);
-  part.dtype = in.dtype();
-  part.numel = in.numel();
+  CollectivePart part = tensor_part(what, in);
   part.counts = counts;
   const std::shared_ptr<CollectiveSlot> slot =
       collect(*hub_, next_collective_++, rank_, std::move(part));
