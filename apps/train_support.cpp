@@ -1,6 +1,7 @@
 #include "apps/train_support.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <vector>
@@ -49,10 +50,24 @@ MetricsLog::MetricsLog(const std::string& path, std::int64_t resume_step) : path
   {
     std::ifstream in(path);
     std::string line;
+    std::int64_t number = 0;
     while (std::getline(in, line)) {
-      const auto row = nlohmann::json::parse(line, nullptr, false);
-      if (row.is_discarded() || !row.contains("step")) continue;  // a torn last line
-      if (row["step"].get<std::int64_t>() <= resume_step) kept.push_back(line);
+      ++number;
+      // A torn last line (a crash mid-write) or a row that is not ours is
+      // dropped, with a warning for anything but an empty line.
+      const bool sane = json_nesting_depth(line) <= kMaxJsonDepth;
+      const auto row = sane ? nlohmann::json::parse(line, nullptr, false)
+                            : nlohmann::json(nlohmann::json::value_t::discarded);
+      if (row.is_object() && row.contains("step") && row["step"].is_number_integer()) {
+        if (row["step"].get<std::int64_t>() <= resume_step) kept.push_back(line);
+        continue;
+      }
+      if (!line.empty()) {
+        std::fprintf(stderr,
+                     "warning: %s line %lld is not a metrics row with an integer \"step\"; "
+                     "dropped\n",
+                     path.c_str(), static_cast<long long>(number));
+      }
     }
   }
   std::ofstream out(path, std::ios::trunc);

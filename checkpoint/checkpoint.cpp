@@ -11,6 +11,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <tuple>
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -631,6 +632,21 @@ CheckpointReader CheckpointReader::open(const std::string& path) {
   m.dp = layout[0];
   m.ep = layout[1];
   m.pp = layout[2];
+  // Every number is checked here, so nothing later (the sampler, AdamW's
+  // bias correction, the layout) meets a value it cannot use.
+  constexpr std::int64_t kMaxCount = std::int64_t{1} << 40;
+  for (const auto& [name, value, low] :
+       {std::tuple<const char*, std::int64_t, std::int64_t>{"step", m.step, 0},
+        {"tokens_seen", m.tokens_seen, 0},
+        {"seed", m.seed, 0},
+        {"saved_layout (dp)", m.dp, 1},
+        {"saved_layout (ep)", m.ep, 1},
+        {"saved_layout (pp)", m.pp, 1}}) {
+    if (value < low || value > kMaxCount) {
+      corrupt(path, absl::StrCat("root attribute '", name, "' = ", value, " is out of range [", low,
+                                 ", ", kMaxCount, "]"));
+    }
+  }
   m.created_utc = read_string_attr(root, "created_utc", path);
   if (H5Lexists(root, "model", H5P_DEFAULT) <= 0) corrupt(path, "group /model is missing");
   return r;
@@ -674,10 +690,20 @@ std::optional<std::string> CheckpointReader::tokenizer_json() const {
   return out;
 }
 
+bool CheckpointReader::has_optimizer_state() const {
+  return H5Lexists(file_, "optim", H5P_DEFAULT) > 0;
+}
+
 std::int64_t CheckpointReader::optimizer_step() const {
   if (H5Lexists(file_, "optim", H5P_DEFAULT) <= 0) return 0;
   H5Id optim(H5Gopen2(file_, "optim", H5P_DEFAULT), H5Gclose);
-  return read_int_attr(optim.get(), "step", path_)[0];
+  const std::int64_t step = read_int_attr(optim.get(), "step", path_)[0];
+  // Updates done: at most one per training step.
+  if (step < 0 || step > meta_.step) {
+    corrupt(path_, absl::StrCat("attribute /optim step = ", step,
+                                " is out of range [0, step = ", meta_.step, "]"));
+  }
+  return step;
 }
 
 std::vector<std::string> CheckpointReader::names(const std::string& group) const {

@@ -146,7 +146,10 @@ class CheckpointReader {
   // The stored config, parsed (kCheckpoint if it does not parse).
   Config config(const std::vector<std::string>& overrides = {}) const;
   std::optional<std::string> tokenizer_json() const;
-  std::int64_t optimizer_step() const;  // 0 when no optimizer state was saved
+  // 0 when no optimizer state was saved; kCheckpoint when the stored
+  // count is negative or exceeds the step.
+  std::int64_t optimizer_step() const;
+  bool has_optimizer_state() const;  // the /optim group exists
 
   // Names of the datasets in a group ("model", "optim/exp_avg", ...).
   std::vector<std::string> names(const std::string& group) const;

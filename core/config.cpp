@@ -362,6 +362,16 @@ void validate(const Config& c) {
             "must be >= 0 (0: dropless)");
     require(e.every >= 1, "model.moe.every", e.every, "must be positive");
     require(e.first_dense >= 0, "model.moe.first_dense", e.first_dense, "must be >= 0");
+    // The first MoE layer is the first l >= first_dense with l % every ==
+    // every - 1 (computed, not searched: both may be huge).
+    const std::int64_t r =
+        e.first_dense < m.n_layers ? (e.every - 1 - e.first_dense % e.every) % e.every : m.n_layers;
+    const bool any_moe = e.first_dense < m.n_layers && r < m.n_layers - e.first_dense;
+    require(any_moe, "model.moe.every", e.every,
+            absl::StrCat("with model.moe.first_dense = ", e.first_dense, " leaves no MoE layer in ",
+                         m.n_layers,
+                         " layers; lower them, or set model.moe.n_experts = 0 for a "
+                         "dense model"));
     for (auto [key, v] : {std::pair{"model.moe.aux.balance", e.aux.balance},
                           {"model.moe.aux.size_penalty", e.aux.size_penalty},
                           {"model.moe.aux.z_loss", e.aux.z_loss},

@@ -215,6 +215,12 @@ void Trainer::replace_experts(const std::vector<int>& next) {
 
 std::vector<std::string> Trainer::resume(const std::string& path) {
   const CheckpointReader reader = CheckpointReader::open(path);
+  // Resuming without the moments would silently restart AdamW.
+  MOTLEY_CHECK_KIND(kCheckpoint, reader.meta().step == 0 || reader.has_optimizer_state(), path,
+                    " has no /optim group (AdamW state) although it was saved at step ",
+                    reader.meta().step,
+                    ": it cannot resume a run; resume from another checkpoint, or start a new "
+                    "run (--resume none)");
   std::vector<std::string> changed = check_compatible(reader, config_);
   load_checkpoint(reader, model_->params(), &optimizer_);
   step_ = reader.meta().step;

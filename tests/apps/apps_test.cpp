@@ -1,15 +1,16 @@
 // Runs the motley binary as a user would, in a temporary directory.
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
 
-#include <gtest/gtest.h>
-
+#include "apps/train_support.h"
 #include "checkpoint/checkpoint.h"
 #include "data/token_file.h"
 #include "data/tokenizer.h"
@@ -317,6 +318,41 @@ TEST_F(AppsTest, InspectAndHelpDescribeEverything) {
     EXPECT_NE(h.output.find("--"), std::string::npos) << sub;
   }
   EXPECT_EQ(run("--help", dir_).exit_code, 0);
+}
+
+// metrics.jsonl rows whose "step" is not an integer (null, a string, an
+// object), other JSON and deep nesting are dropped with a warning when a
+// run resumes; they used to stop the resume with exit 1 and a raw JSON
+// exception.
+TEST(MetricsLog, MalformedRowsAreDroppedNotFatal) {
+  const std::string path = ::testing::TempDir() + "motley_metrics_malformed.jsonl";
+  {
+    std::ofstream out(path);
+    out << R"({"step": 1, "loss": 5})"
+        << "\n"
+        << R"({"step": null})"
+        << "\n"
+        << R"({"step": "7"})"
+        << "\n"
+        << R"({"step": {"a": 1}})"
+        << "\n"
+        << R"([1, 2, 3])"
+        << "\n"
+        << std::string(100000, '[') << "\n"
+        << R"({"step": 2, "loss": 4})"
+        << "\n"
+        << R"({"step": 9, "loss": 3})"
+        << "\n"
+        << R"({"step": 3, "lo)";  // torn
+  }
+  apps::MetricsLog log(path, /*resume_step=*/5);
+  std::ifstream in(path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_EQ(lines[0], R"({"step": 1, "loss": 5})");
+  EXPECT_EQ(lines[1], R"({"step": 2, "loss": 4})");
+  std::remove(path.c_str());
 }
 
 }  // namespace

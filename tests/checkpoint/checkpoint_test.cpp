@@ -1,5 +1,6 @@
 #include "checkpoint/checkpoint.h"
 
+#include <gtest/gtest.h>
 #include <hdf5.h>
 
 #include <chrono>
@@ -9,12 +10,11 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>
 #include <tuple>
-
-#include <gtest/gtest.h>
 
 #include "core/ops.h"
 #include "layers/transformer.h"
@@ -139,6 +139,35 @@ TEST(Checkpoint, RefusesWhatIsNotAValidCheckpoint) {
   save_checkpoint(dir + "/future.h5", t.model.params(), nullptr, future, "");
   expect_checkpoint_error([&] { CheckpointReader::open(dir + "/future.h5"); },
                           "unsupported format_version 99");
+}
+
+// Every root attribute is range-checked on open, and the optimizer's
+// update count against the step: a negative step used to reach the
+// sampler's and AdamW's internal checks (exit 1).
+TEST(Checkpoint, OutOfRangeAttributesAreRefusedOnOpen) {
+  const std::string dir = temp_dir("attrs");
+  Trained t;
+  const std::vector<std::pair<std::function<void(CheckpointMeta&)>, std::string>> cases = {
+      {[](CheckpointMeta& m) { m.step = -3; }, "'step' = -3"},
+      {[](CheckpointMeta& m) { m.tokens_seen = -1; }, "'tokens_seen' = -1"},
+      {[](CheckpointMeta& m) { m.seed = -7; }, "'seed' = -7"},
+      {[](CheckpointMeta& m) { m.dp = 0; }, "saved_layout (dp)"},
+  };
+  int i = 0;
+  for (const auto& [mutate, needle] : cases) {
+    CheckpointMeta meta = t.meta();
+    mutate(meta);
+    const std::string path = dir + "/bad" + std::to_string(i++) + ".h5";
+    save_checkpoint(path, t.model.params(), &t.optimizer, meta, "");
+    expect_checkpoint_error([&] { CheckpointReader::open(path); }, needle);
+  }
+  // Two AdamW updates stored in a checkpoint of step 1.
+  CheckpointMeta early = t.meta();
+  early.step = 1;
+  save_checkpoint(dir + "/early.h5", t.model.params(), &t.optimizer, early, "");
+  const CheckpointReader reader = CheckpointReader::open(dir + "/early.h5");
+  expect_checkpoint_error([&] { reader.optimizer_step(); }, "/optim step = 2");
+  EXPECT_TRUE(reader.has_optimizer_state());
 }
 
 TEST(Checkpoint, ChecksumMismatchNamesTheDataset) {

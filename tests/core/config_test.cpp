@@ -155,5 +155,23 @@ TEST(Config, DeeplyNestedValuesAreRefusedBeforeParsing) {
   EXPECT_EQ(json_nesting_depth(ok), kMaxJsonDepth);
 }
 
+// Experts with no MoE layer to put them in: accepted before, and inspect
+// then printed "active parameters per token -nan".
+TEST(Config, ExpertsWithoutAnyMoELayerAreRefused) {
+  const Json base = Json::parse(R"({"model": {"n_layers": 2, "moe": {"n_experts": 4}}})");
+  expect_usage_error([&] { Config::from_json(base, {"model.moe.every=4"}); }, "model.moe.every");
+  expect_usage_error([&] { Config::from_json(base, {"model.moe.first_dense=2"}); },
+                     "leaves no MoE layer");
+  // Huge values are computed with, not searched through.
+  expect_usage_error([&] { Config::from_json(base, {"model.moe.every=4611686018427387904"}); },
+                     "no MoE layer");
+  expect_usage_error(
+      [&] { Config::from_json(base, {"model.moe.first_dense=4611686018427387904"}); },
+      "no MoE layer");
+  EXPECT_NO_THROW(Config::from_json(base, {"model.moe.every=2"}));  // layer 1
+  EXPECT_NO_THROW(Config::from_json(base, {"model.moe.first_dense=1"}));
+  EXPECT_NO_THROW(Config::from_json(base, {"model.moe.n_experts=0", "model.moe.every=4"}));
+}
+
 }  // namespace
 }  // namespace motley

@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <mutex>
 #include <string>
@@ -159,6 +160,29 @@ TEST(Trainer, ReplacementMovesExpertsWithoutChangingTheRun) {
     EXPECT_NEAR(parallel.losses[s], single.losses[s], 1e-5 * std::abs(single.losses[s]));
   }
   expect_params_near(parallel, single, 2e-5);
+}
+
+// A checkpoint of step > 0 without /optim cannot resume: the AdamW moments
+// would silently restart (it used to resume with exit 0).
+TEST(Trainer, ResumeRefusesACheckpointWithoutOptimizerState) {
+  const Config config = tiny_config("linear", 1, 1, 1, 1);
+  const BatchSource batches = synthetic_batches(64, 8);
+  Trainer a(config, single_groups(), batches);
+  a.step();
+  const std::string path = ::testing::TempDir() + "motley_no_optim.h5";
+  CheckpointMeta meta;
+  meta.step = 1;
+  meta.config_json = config.resolved_json().dump();
+  save_checkpoint(path, a.model().params(), /*optimizer=*/nullptr, meta, "");
+  Trainer b(config, single_groups(), batches);
+  try {
+    b.resume(path);
+    ADD_FAILURE() << "resumed without optimizer state";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kCheckpoint);
+    EXPECT_NE(std::string(e.what()).find("no /optim group"), std::string::npos) << e.what();
+  }
+  std::remove(path.c_str());
 }
 
 TEST(Trainer, AnyRankDecidesTheStopForAll) {
