@@ -658,11 +658,22 @@ Config CheckpointReader::config(const std::vector<std::string>& overrides) const
   }
   const auto json = nlohmann::ordered_json::parse(meta_.config_json, nullptr, false);
   if (json.is_discarded()) corrupt(path_, "attribute 'config' is not valid JSON");
+  // The stored config alone first: what is wrong with it is the
+  // checkpoint's fault (exit 4); what the overrides then break is the
+  // command line's (exit 2, naming --set).
+  try {
+    Config::from_json(json);
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::kUsage) throw;
+    corrupt(path_, absl::StrCat("stored config is invalid: ", e.what()));
+  }
+  if (overrides.empty()) return Config::from_json(json);
   try {
     return Config::from_json(json, overrides);
   } catch (const Error& e) {
     if (e.kind() != ErrorKind::kUsage) throw;
-    corrupt(path_, absl::StrCat("stored config is invalid: ", e.what()));
+    throw Error(ErrorKind::kUsage,
+                absl::StrCat("--set on the config stored in ", path_, ": ", e.what()));
   }
 }
 

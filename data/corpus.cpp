@@ -9,6 +9,7 @@
 #include <system_error>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
 #include "core/check.h"
 #include "nlohmann/json.hpp"
 
@@ -97,8 +98,9 @@ std::vector<std::string> read_documents(const std::vector<std::string>& inputs) 
       read_file_documents(input, docs);
     }
   }
-  MOTLEY_CHECK_KIND(kData, !docs.empty(), "no documents found in the inputs (empty files and "
-                    "hidden files are skipped)");
+  MOTLEY_CHECK_KIND(kData, !docs.empty(), "no documents found in ", absl::StrJoin(inputs, ", "),
+                    " (empty files and hidden files are skipped; a folder is read with its "
+                    "subfolders)");
   return docs;
 }
 

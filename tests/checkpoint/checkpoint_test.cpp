@@ -170,6 +170,26 @@ TEST(Checkpoint, OutOfRangeAttributesAreRefusedOnOpen) {
   EXPECT_TRUE(reader.has_optimizer_state());
 }
 
+// A bad --set on a stored config is the command line's fault (exit 2,
+// naming --set and the key), not the checkpoint's (it said "checkpoint
+// error: stored config is invalid", exit 4).
+TEST(Checkpoint, BadOverridesOfTheStoredConfigAreUsageErrors) {
+  const std::string dir = temp_dir("overrides");
+  Trained t;
+  save_checkpoint(dir + "/c.h5", t.model.params(), &t.optimizer, t.meta(), "");
+  const CheckpointReader reader = CheckpointReader::open(dir + "/c.h5");
+  for (const char* set : {"train.seq_len=-5", "train.no_such_key=1", "train.lr"}) {
+    try {
+      reader.config({set});
+      ADD_FAILURE() << set << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kUsage) << set << ": " << e.what();
+      EXPECT_NE(std::string(e.what()).find("--set"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(reader.config({"train.seq_len=4"}).train.seq_len, 4);
+}
+
 TEST(Checkpoint, ChecksumMismatchNamesTheDataset) {
   const std::string dir = temp_dir("checksum");
   Trained t;

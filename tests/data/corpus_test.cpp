@@ -65,8 +65,9 @@ TEST(Corpus, MissingOrEmptyInputsAreDataErrors) {
   expect_error([&] { read_documents({dir.file("nope")}); }, ErrorKind::kData,
                {dir.file("nope"), "does not exist"});
   write_text(dir.file("empty/e.txt"), "");
+  // The message names the inputs (it used to say only "no documents").
   expect_error([&] { read_documents({dir.file("empty")}); }, ErrorKind::kData,
-               {"no documents"});
+               {"no documents", dir.file("empty")});
 }
 
 }  // namespace
