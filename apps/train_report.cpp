@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "apps/progress.h"
+#include "core/backend.h"
 #include "parallel/placement.h"
 
 namespace motley::apps {
@@ -141,9 +142,11 @@ void log_step(MetricsLog& metrics, const train::Trainer& trainer, const train::S
     row["placement"] = field;
   }
   if (trainer.groups().layout().ep > 1) row["ep_bytes"] = r.ep_bytes;
-  // Rank 0's allocator (core/backend.h MemoryStats).
-  row["memory_peak_bytes"] = r.memory.peak_bytes_in_use;
-  row["memory_cached_bytes"] = r.memory.bytes_cached;
+  // Rank 0's allocator (core/backend.h MemoryStats), read when a row is
+  // written rather than after every step.
+  const MemoryStats memory = backend_for(trainer.device()).memory_stats();
+  row["memory_peak_bytes"] = memory.peak_bytes_in_use;
+  row["memory_cached_bytes"] = memory.bytes_cached;
   std::fflush(stdout);
   metrics.append(row);
 }

@@ -7,6 +7,16 @@
 
 namespace motley {
 
+std::vector<ParameterSpec> gru_cell_layout(const ModelConfig& config) {
+  using Part = ParameterSpec::Part;
+  const std::int64_t p = config.moe.gru_dim;
+  const Init gru = Init::uniform(1.0 / std::sqrt(static_cast<double>(p)));  // as GRUCell
+  return {{"moe_gru.weight_ih", {3 * p, p}, gru, Part::kGruCell},
+          {"moe_gru.weight_hh", {3 * p, p}, gru, Part::kGruCell},
+          {"moe_gru.bias_ih", {3 * p}, gru, Part::kGruCell},
+          {"moe_gru.bias_hh", {3 * p}, gru, Part::kGruCell}};
+}
+
 std::vector<ParameterSpec> parameter_layout(const ModelConfig& config) {
   using Part = ParameterSpec::Part;
   const std::int64_t d = config.d_model, n_layers = config.n_layers;
@@ -23,11 +33,7 @@ std::vector<ParameterSpec> parameter_layout(const ModelConfig& config) {
   bool any_moe = false;
   for (std::int64_t l = 0; l < n_layers; ++l) any_moe |= config.is_moe_layer(l);
   if (any_moe && config.moe.router == RouterKind::kGru) {
-    const Init gru = Init::uniform(1.0 / std::sqrt(static_cast<double>(p)));  // as GRUCell
-    add("moe_gru.weight_ih", {3 * p, p}, gru, Part::kGruCell);
-    add("moe_gru.weight_hh", {3 * p, p}, gru, Part::kGruCell);
-    add("moe_gru.bias_ih", {3 * p}, gru, Part::kGruCell);
-    add("moe_gru.bias_hh", {3 * p}, gru, Part::kGruCell);
+    for (ParameterSpec& spec : gru_cell_layout(config)) out.push_back(std::move(spec));
   }
   const std::vector<std::int64_t> sizes =
       n_experts > 0 ? expert_hidden_sizes(config.moe) : std::vector<std::int64_t>{};
@@ -86,12 +92,6 @@ bool shard_holds(const ParameterSpec& spec, const ModelConfig& config, std::int6
       return spec.expert < 0 || hold_expert.empty() || hold_expert[spec.expert];
   }
   return false;
-}
-
-std::int64_t parameter_count(const ModelConfig& config) {
-  std::int64_t n = 0;
-  for (const ParameterSpec& spec : parameter_layout(config)) n += shape_numel(spec.shape);
-  return n;
 }
 
 }  // namespace motley

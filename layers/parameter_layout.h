@@ -37,6 +37,11 @@ struct ParameterSpec {
 // The whole model's parameters, in registration order (Note [Parameter layout]).
 std::vector<ParameterSpec> parameter_layout(const ModelConfig& config);
 
+// The shared GRU cell's entries (moe_gru.*; Part::kGruCell), as
+// parameter_layout lists them when the model has a gru router and an MoE
+// layer; the pipeline's GRU reduction reads them without building the rest.
+std::vector<ParameterSpec> gru_cell_layout(const ModelConfig& config);
+
 // Whether a shard holding layers [layer_begin, layer_end) and the experts
 // with hold_expert[e] (empty: all) holds `spec`: the embedding on the
 // first block, the head on the last, the GRU cell on every block with an
@@ -44,8 +49,5 @@ std::vector<ParameterSpec> parameter_layout(const ModelConfig& config);
 // held).
 bool shard_holds(const ParameterSpec& spec, const ModelConfig& config, std::int64_t layer_begin,
                  std::int64_t layer_end, const std::vector<bool>& hold_expert);
-
-// Total elements of the whole model's parameters.
-std::int64_t parameter_count(const ModelConfig& config);
 
 }  // namespace motley

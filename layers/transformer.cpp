@@ -29,6 +29,7 @@ Transformer::Transformer(const ModelConfig& config, std::uint64_t seed, DType dt
   // Register the shard's parameters from the one description of the
   // model (Note [Parameter layout]), then wire them to the layers by name.
   for (const ParameterSpec& spec : parameter_layout(config)) {
+    total_parameters_ += shape_numel(spec.shape);
     if (shard_holds(spec, config, layer_begin_, layer_end_, hold)) {
       params_.add(spec.name, spec.shape, spec.init);
     }
@@ -159,7 +160,5 @@ Variable Transformer::logits(const Tensor& tokens, const ForwardContext& ctx) {
   ModelOutput unused;
   return head_logits(run_layers(embed(tokens), ctx, unused).x);
 }
-
-std::int64_t Transformer::total_parameters() const { return parameter_count(config_); }
 
 }  // namespace motley

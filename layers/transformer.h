@@ -87,7 +87,7 @@ class Transformer {
   // Parameter counts of the whole model (not only this shard): total, and
   // activated per token for a given number of experts per token per layer
   // of average size `mean_active_hidden` (dense parts always count).
-  std::int64_t total_parameters() const;
+  std::int64_t total_parameters() const { return total_parameters_; }
 
  private:
   struct Layer {
@@ -102,6 +102,7 @@ class Transformer {
   ParameterSet params_;
   std::vector<std::int64_t> expert_sizes_;
   std::int64_t layer_begin_ = 0, layer_end_ = 0;
+  std::int64_t total_parameters_ = 0;  // the whole model's, summed from its layout
   Variable embed_, final_norm_, lm_head_;
   GruWeights gru_;
   bool has_gru_ = false;

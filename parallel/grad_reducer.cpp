@@ -103,9 +103,8 @@ void reduce_shared_gru(ParameterSet& params, const ProcessGroups& groups,
                        const ModelConfig& config) {
   // The cell's tensors, as Note [Parameter layout] describes them.
   std::vector<std::pair<std::string, Shape>> parts;
-  for (const ParameterSpec& spec : parameter_layout(config)) {
-    if (spec.part == ParameterSpec::Part::kGruCell) parts.emplace_back(spec.name, spec.shape);
-  }
+  for (const ParameterSpec& spec : gru_cell_layout(config))
+    parts.emplace_back(spec.name, spec.shape);
   const DType dtype = params.dtype();
   std::int64_t numel = 0;
   for (const auto& part : parts) numel += shape_numel(part.second);

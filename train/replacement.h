@@ -30,6 +30,7 @@ struct ReplacementReport {
 class ReplacementWindow {
  public:
   explicit ReplacementWindow(std::int64_t every) : every_(every) {}
+  std::int64_t every() const { return every_; }  // 0: never decides
 
   // Adds a step's world-reduced routing statistics (every MoE layer of the
   // model, in order) and, when step % every == 0, decides. The decision is

@@ -4,7 +4,6 @@
 #include <cstdlib>
 
 #include "autograd/ops.h"
-#include "core/backend.h"
 #include "core/ops.h"
 #include "data/sampler.h"
 #include "layers/expert_sizes.h"
@@ -65,6 +64,14 @@ std::vector<int> initial_owner(const Config& c, const par::GroupLayout& layout) 
   return par::place_experts(c.parallel.placement, expert_hidden_sizes(c.model.moe), layout.ep);
 }
 
+// Steps between re-placement decisions: parallel.replace_every for
+// balanced placement with expert parallelism, else 0 (the map is fixed).
+std::int64_t replacement_interval(const Config& c, const par::GroupLayout& layout) {
+  const bool moves = layout.ep > 1 && c.model.moe.n_experts > 0 &&
+                     c.parallel.placement == PlacementKind::kBalanced;
+  return moves ? c.parallel.replace_every : 0;
+}
+
 }  // namespace
 
 BatchSource sampled_batches(const TokenFile& file, const TrainConfig& train) {
@@ -84,7 +91,7 @@ Trainer::Trainer(const Config& config, std::shared_ptr<par::ProcessGroups> group
       owner_(initial_owner(config_, groups_->layout())),
       optimizer_(config_.train),
       pipeline_(config_, *groups_),
-      window_(0) {
+      window_(replacement_interval(config_, groups_->layout())) {
   const ModelConfig& m = config_.model;
   const par::GroupLayout& layout = groups_->layout();
   model_ = build_model(owner_);
@@ -96,11 +103,6 @@ Trainer::Trainer(const Config& config, std::shared_ptr<par::ProcessGroups> group
   if (layout.ep > 1) {
     exchange_ = std::make_unique<par::CommExpertExchange>(groups_->ep(), owner_);
   }
-  replace_every_ =
-      layout.ep > 1 && m.moe.n_experts > 0 && config_.parallel.placement == PlacementKind::kBalanced
-          ? config_.parallel.replace_every
-          : 0;
-  window_ = ReplacementWindow(replace_every_);
   build_reducer();
   fault_injection_from_env(fault_rank_, fault_step_);
 }
@@ -187,9 +189,8 @@ StepResult Trainer::step() {
     clip_gradients(model_->params(), r.grad_norm, tc.grad_clip);
     optimizer_.step(model_->params(), r.lr);
   }
-  r.memory = backend_for(device_).memory_stats();
   // After the update: the step's report carries the new placement.
-  if (replace_every_ > 0) {
+  if (window_.every() > 0) {
     r.replacement = window_.observe(r.step, r.moe, owner_, model_->expert_sizes(),
                                     config_.model.d_model, layout.ep, groups_->host());
     if (r.replacement) replace_experts(r.replacement->after);

@@ -31,7 +31,6 @@
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
-#include "core/backend.h"
 #include "core/config.h"
 #include "layers/optimizer.h"
 #include "layers/transformer.h"
@@ -53,7 +52,6 @@ struct StepResult {
   // step (forward and backward); 0 without expert parallelism.
   double ep_bytes = 0;
   double model_flops = 0;                        // of the whole step (train/flops.h)
-  MemoryStats memory;  // this rank's device allocator after the step
   std::optional<ReplacementReport> replacement;  // experts moved after this step
 };
 
@@ -105,7 +103,7 @@ class Trainer {
   std::int64_t tokens_seen() const { return tokens_seen_; }
   std::int64_t skipped_steps() const { return skipped_; }
   // Steps between re-placement decisions; 0 when the owner map is fixed.
-  std::int64_t replace_every() const { return replace_every_; }
+  std::int64_t replace_every() const { return window_.every(); }
 
  private:
   std::unique_ptr<Transformer> build_model(const std::vector<int>& owner) const;
@@ -125,8 +123,7 @@ class Trainer {
   PipelineExecutor pipeline_;
   std::unique_ptr<parallel::CommExpertExchange> exchange_;
   std::unique_ptr<parallel::GradReducer> reducer_;
-  std::int64_t replace_every_ = 0;
-  ReplacementWindow window_;
+  ReplacementWindow window_;                 // its every(): 0 when the owner map is fixed
   std::vector<TensorSpec> ckpt_specs_;       // every global parameter (sharded saves)
   std::vector<int> ckpt_writer_;             // world rank writing each of ckpt_specs_
   std::unique_ptr<Transformer> full_model_;  // rank 0 of a parallel run, for evaluation
